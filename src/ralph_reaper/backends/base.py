@@ -1,0 +1,129 @@
+"""The one interface every backend offers to the rest of the package.
+
+Backends are deliberately thin: they expose kernel primitives (open a pidfd,
+signal it, reap it, wait for readiness, walk /proc) and nothing about
+dispatches. Policy (containment, stop sequences, caching exit codes) lives
+above them, once, so the three backends cannot drift apart in semantics.
+
+Errors are raised as ``OSError`` with the kernel's errno, so callers can treat
+``ESRCH``/``ECHILD``/``EMFILE`` alike whichever backend raised them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+
+@dataclass(frozen=True)
+class Rusage:
+    """Resource usage of one reaped child."""
+
+    utime_s: float
+    stime_s: float
+    maxrss_kb: int
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """A wait status (``waitpid`` encoding) and, where the backend can get it, rusage."""
+
+    status: int
+    rusage: Optional[Rusage] = None
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of ``/proc/<pid>/stat`` the package relies on."""
+
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    starttime: int
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class DrainEvent:
+    """One exited pidfd taken out of an :class:`EpollSet` by ``drain``.
+
+    ``reaped`` is True when the process was our child and was reaped here
+    (``status`` and ``rusage`` then hold its exit); when it was not our child
+    ``status`` is its wait status if the kernel could tell (``PIDFD_INFO_EXIT``)
+    and None otherwise.
+    """
+
+    token: int
+    fd: int
+    reaped: bool
+    status: Optional[int]
+    rusage: Optional[Rusage] = None
+
+
+class EpollSet(Protocol):
+    """A set of pidfds that reports and reaps exits in batches."""
+
+    def add(self, fd: int, token: int) -> None: ...
+
+    def remove(self, fd: int) -> None: ...
+
+    def drain(self, timeout_s: Optional[float], max_events: int = 256) -> list[DrainEvent]:
+        """Wait up to ``timeout_s`` (None: forever) and return every exited pidfd.
+
+        Each returned fd has been removed from the set (a pidfd stays readable
+        for ever) but is still open: closing it is the caller's job.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Kernel primitives; see the module docstring for the error convention."""
+
+    name: str
+    #: True when pidfds work; the polling backend says False and raises
+    #: ``OSError(ENOSYS)`` from every pidfd method.
+    has_pidfd: bool
+
+    def pidfd_open(self, pid: int) -> int: ...
+
+    def pidfd_send_signal(self, fd: int, sig: int) -> None: ...
+
+    def pidfd_send_signal_many(self, fds: Sequence[int], sig: int) -> list[int]:
+        """Signal each fd; return per-fd 0 or errno (never raises for one fd's failure)."""
+        ...
+
+    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[Reaped]:
+        """Reap the child behind ``fd``: None when it has not exited yet.
+
+        Raises ``ChildProcessError`` when the process is not our child (or was
+        already reaped by someone else).
+        """
+        ...
+
+    def pidfd_exit_status(self, fd: int) -> Optional[int]:
+        """The wait status the kernel kept for an exited process (Linux >= 6.15), or None."""
+        ...
+
+    def wait_readable(self, fds: Sequence[int], timeout_s: Optional[float]) -> list[int]:
+        """Block until at least one fd is readable or the timeout passes; return the readable."""
+        ...
+
+    def epoll_set(self) -> EpollSet: ...
+
+    def proc_stat(self, pid: int) -> Optional[ProcStat]:
+        """None when there is no such process."""
+        ...
+
+    def descendants(self, roots: Sequence[int]) -> list[int]:
+        """Every process below ``roots`` (zombies included, roots excluded), breadth first."""
+        ...
+
+    def session_members(self, sid: int) -> list[int]: ...
+
+    def get_child_subreaper(self) -> bool: ...
+
+    def set_child_subreaper(self, on: bool) -> None: ...

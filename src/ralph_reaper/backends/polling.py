@@ -1,0 +1,81 @@
+"""The backend for kernels or sandboxes without pidfds.
+
+Exits are found by ``waitpid(WNOHANG)`` and ``/proc`` with a backoff (see
+:mod:`ralph_reaper.waiting`); a pid is signalled only after checking that the
+process start time still matches the one pinned, which narrows pid-reuse races
+to the few microseconds between that check and ``kill`` (without pidfds the
+kernel offers nothing tighter).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from typing import NoReturn, Optional
+
+from . import _prctl, procfs
+from .base import EpollSet, ProcStat, Reaped, Rusage
+
+
+def _no_pidfd() -> NoReturn:
+    raise OSError(errno.ENOSYS, "the polling backend has no pidfds")
+
+
+class PollingBackend:
+    name = "polling"
+    has_pidfd = False
+
+    def pidfd_open(self, pid: int) -> int:
+        _no_pidfd()
+
+    def pidfd_send_signal(self, fd: int, sig: int) -> None:
+        _no_pidfd()
+
+    def pidfd_send_signal_many(self, fds: Sequence[int], sig: int) -> list[int]:
+        _no_pidfd()
+
+    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[Reaped]:
+        _no_pidfd()
+
+    def pidfd_exit_status(self, fd: int) -> Optional[int]:
+        _no_pidfd()
+
+    def wait_readable(self, fds: Sequence[int], timeout_s: Optional[float]) -> list[int]:
+        _no_pidfd()
+
+    def epoll_set(self) -> EpollSet:
+        _no_pidfd()
+
+    def proc_stat(self, pid: int) -> Optional[ProcStat]:
+        return procfs.proc_stat(pid)
+
+    def descendants(self, roots: Sequence[int]) -> list[int]:
+        return procfs.descendants(roots)
+
+    def session_members(self, sid: int) -> list[int]:
+        return procfs.session_members(sid)
+
+    def get_child_subreaper(self) -> bool:
+        return _prctl.get_child_subreaper()
+
+    def set_child_subreaper(self, on: bool) -> None:
+        _prctl.set_child_subreaper(on)
+
+
+def wait4_nohang(pid: int) -> Optional[Reaped]:
+    """Reap ``pid`` if it is our exited child; None while it runs.
+
+    Raises ``ChildProcessError`` when it is not our child. Only call it for a
+    pid whose start time was just checked: until a child is reaped its pid
+    cannot be reused, so the check pins the right process.
+    """
+    while True:
+        try:
+            got, status, ru = os.wait4(pid, os.WNOHANG)
+        except InterruptedError:
+            continue
+        break
+    if got == 0:
+        return None
+    return Reaped(status, Rusage(ru.ru_utime, ru.ru_stime, int(ru.ru_maxrss)))

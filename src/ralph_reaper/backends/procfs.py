@@ -1,0 +1,137 @@
+"""Reading process state from ``/proc`` in Python, for the pure and polling backends.
+
+Tree discovery prefers ``/proc/<pid>/task/<tid>/children`` (one small read per
+process that has children) and falls back to one scan of every
+``/proc/<pid>/stat`` when the kernel was built without ``CONFIG_PROC_CHILDREN``.
+A process may vanish between listing and reading: every read treats that as
+"not there" rather than an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+from .base import ProcStat
+
+_children_files: Optional[bool] = None
+
+
+def parse_stat(data: bytes) -> Optional[ProcStat]:
+    """Parse one ``/proc/<pid>/stat`` line.
+
+    The command name sits in parentheses and may itself contain spaces and
+    parentheses, so fields are counted from the last ``)``.
+    """
+    end = data.rfind(b")")
+    if end < 0:
+        return None
+    fields = data[end + 2 :].split()
+    if len(fields) < 20:
+        return None
+    exit_code = int(fields[49]) if len(fields) > 49 else 0
+    return ProcStat(
+        state=fields[0].decode("ascii", "replace"),
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        session=int(fields[3]),
+        starttime=int(fields[19]),
+        exit_code=exit_code,
+    )
+
+
+def proc_stat(pid: int) -> Optional[ProcStat]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    return parse_stat(data)
+
+
+def all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _have_children_files() -> bool:
+    global _children_files
+    if _children_files is None:
+        tid = os.getpid()
+        _children_files = os.path.exists(f"/proc/{tid}/task/{tid}/children")
+    return _children_files
+
+
+def _children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _parent_table() -> dict[int, list[int]]:
+    table: dict[int, list[int]] = {}
+    for pid in all_pids():
+        st = proc_stat(pid)
+        if st is not None:
+            table.setdefault(st.ppid, []).append(pid)
+    return table
+
+
+def descendants(roots: Sequence[int]) -> list[int]:
+    """Every process below ``roots``, breadth first, without duplicates or the roots."""
+    seen = set(roots)
+    out: list[int] = []
+    if _have_children_files():
+        frontier = list(roots)
+        while frontier:
+            nxt: list[int] = []
+            for pid in frontier:
+                for child in _children_of(pid):
+                    if child not in seen:
+                        seen.add(child)
+                        out.append(child)
+                        nxt.append(child)
+            frontier = nxt
+        return out
+    table = _parent_table()
+    frontier = list(roots)
+    while frontier:
+        nxt = []
+        for pid in frontier:
+            for child in table.get(pid, ()):
+                if child not in seen:
+                    seen.add(child)
+                    out.append(child)
+                    nxt.append(child)
+        frontier = nxt
+    return out
+
+
+def session_members(sid: int) -> list[int]:
+    out: list[int] = []
+    for pid in all_pids():
+        st = proc_stat(pid)
+        if st is not None and st.session == sid:
+            out.append(pid)
+    return out
+
+
+def pids_alive(pids: Iterable[int]) -> list[int]:
+    """The pids that still name a process that has not exited (zombies count as exited)."""
+    alive = []
+    for pid in pids:
+        st = proc_stat(pid)
+        if st is not None and st.state not in ("Z", "X"):
+            alive.append(pid)
+    return alive

@@ -1,0 +1,159 @@
+"""The stdlib backend: pidfds through ``os``/``signal``/``select``/``fcntl``.
+
+It keeps every semantic of the native backend; what it cannot do is return
+rusage for a reaped child (``os.waitid`` does not expose it) or batch work per
+event, so it costs more host CPU per exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import struct
+from collections.abc import Sequence
+from typing import Optional
+
+from . import _prctl, procfs
+from .base import DrainEvent, ProcStat, Reaped
+
+# PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info) with the 64-byte first version.
+PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
+PIDFD_INFO_EXIT = 1 << 3
+_INFO_SIZE = 64
+_EXIT_CODE_OFFSET = 60
+
+
+def status_from_siginfo(code: int, status: int) -> int:
+    """Re-encode a ``waitid`` result as a ``waitpid`` status."""
+    if code == os.CLD_EXITED:
+        return (status & 0xFF) << 8
+    if code == os.CLD_DUMPED:
+        return (status & 0x7F) | 0x80
+    return status & 0x7F
+
+
+def pidfd_exit_status(fd: int) -> Optional[int]:
+    buf = bytearray(_INFO_SIZE)
+    struct.pack_into("=Q", buf, 0, PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(fd, PIDFD_GET_INFO, buf, True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ESRCH):
+            return None
+        raise
+    (mask,) = struct.unpack_from("=Q", buf, 0)
+    if not mask & PIDFD_INFO_EXIT:
+        return None
+    (code,) = struct.unpack_from("=i", buf, _EXIT_CODE_OFFSET)
+    return int(code)
+
+
+def waitid_pidfd(fd: int, nohang: bool = True) -> Optional[Reaped]:
+    options = os.WEXITED | (os.WNOHANG if nohang else 0)
+    while True:
+        try:
+            info = os.waitid(os.P_PIDFD, fd, options)  # type: ignore[attr-defined,unused-ignore]
+        except InterruptedError:
+            continue
+        break
+    if info is None or info.si_pid == 0:
+        return None
+    return Reaped(status_from_siginfo(info.si_code, info.si_status))
+
+
+class PureEpollSet:
+    """An epoll set of pidfds; ``drain`` reaps what it can, one Python call per fd."""
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        self._tokens: dict[int, int] = {}
+
+    def add(self, fd: int, token: int) -> None:
+        self._ep.register(fd, select.EPOLLIN)
+        self._tokens[fd] = token
+
+    def remove(self, fd: int) -> None:
+        try:
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        self._tokens.pop(fd, None)
+
+    def drain(self, timeout_s: Optional[float], max_events: int = 256) -> list[DrainEvent]:
+        ready = self._ep.poll(-1 if timeout_s is None else max(timeout_s, 0.0), max_events)
+        out: list[DrainEvent] = []
+        for fd, _mask in ready:
+            token = self._tokens.get(fd)
+            if token is None:
+                continue
+            try:
+                reaped = waitid_pidfd(fd)
+            except ChildProcessError:
+                self.remove(fd)
+                out.append(DrainEvent(token, fd, False, pidfd_exit_status(fd)))
+                continue
+            if reaped is None:
+                continue
+            self.remove(fd)
+            out.append(DrainEvent(token, fd, True, reaped.status, reaped.rusage))
+        return out
+
+    def close(self) -> None:
+        self._ep.close()
+        self._tokens.clear()
+
+
+class PureBackend:
+    name = "pure"
+    has_pidfd = True
+
+    def pidfd_open(self, pid: int) -> int:
+        return os.pidfd_open(pid)
+
+    def pidfd_send_signal(self, fd: int, sig: int) -> None:
+        signal.pidfd_send_signal(fd, sig)
+
+    def pidfd_send_signal_many(self, fds: Sequence[int], sig: int) -> list[int]:
+        errs: list[int] = []
+        for fd in fds:
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except OSError as exc:
+                errs.append(exc.errno or errno.EIO)
+            else:
+                errs.append(0)
+        return errs
+
+    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[Reaped]:
+        return waitid_pidfd(fd, nohang)
+
+    def pidfd_exit_status(self, fd: int) -> Optional[int]:
+        return pidfd_exit_status(fd)
+
+    def wait_readable(self, fds: Sequence[int], timeout_s: Optional[float]) -> list[int]:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        ms = None if timeout_s is None else max(0, int(timeout_s * 1000.0 + 0.999))
+        return [fd for fd, _ev in poller.poll(ms)]
+
+    def epoll_set(self) -> PureEpollSet:
+        return PureEpollSet()
+
+    def proc_stat(self, pid: int) -> Optional[ProcStat]:
+        return procfs.proc_stat(pid)
+
+    def descendants(self, roots: Sequence[int]) -> list[int]:
+        return procfs.descendants(roots)
+
+    def session_members(self, sid: int) -> list[int]:
+        return procfs.session_members(sid)
+
+    def get_child_subreaper(self) -> bool:
+        return _prctl.get_child_subreaper()
+
+    def set_child_subreaper(self, on: bool) -> None:
+        _prctl.set_child_subreaper(on)

@@ -1,0 +1,300 @@
+"""The ``ralph-reaper`` command line.
+
+``run`` is coreutils ``timeout`` for process trees: it starts a command in a
+new session, waits for it event-driven, stops the whole tree (not just the
+leader) when time runs out, and reports how it ended. Exit statuses follow
+``timeout``: 124 timed out, 125 the launcher failed, 126 not executable,
+127 not found, 128+N killed by signal N, else the command's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, Optional
+
+from . import __version__
+from .backends import BackendUnavailableError, backend_info
+from .backends import get as get_backend
+from .completion import terminate, wait_for_dispatch_completion
+from .pins import Pin
+from .results import DispatchCompletionResult, DispatchCompletionStatus, DispatchResult
+from .tracking import write_json_file
+from .validation import check_pid
+from .waiting import wait_any
+
+EXIT_TIMEOUT = 124
+EXIT_LAUNCHER = 125
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h|d|)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``500ms``, ``2s``, ``1.5m``, ``1h``, ``1d`` or a bare number of seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a number with an optional unit ms, s, m, h or d"
+        )
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if math.isinf(seconds) or math.isnan(seconds):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}")
+    return seconds
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: Optional[FrameType]) -> NoReturn:
+    raise _Interrupted(signum)
+
+
+def _describe(result: DispatchCompletionResult, command: str) -> str:
+    seconds = result.duration_ms / 1000.0
+    if result.signal is not None:
+        try:
+            how = f"killed by {signal.Signals(result.signal).name}"
+        except ValueError:
+            how = f"killed by signal {result.signal}"
+    elif result.return_code is not None:
+        how = f"exit {result.return_code}"
+    else:
+        how = "exit status unknown"
+    if result.timed_out or result.termination_method not in ("natural", ""):
+        stages = ", ".join(f"{k} {v:.1f} ms" for k, v in result.stage_ms.items())
+        text = (
+            f"{command}: {result.status.value} after {seconds:.2f} s; "
+            f"stopped by {result.termination_method} ({stages}); {how}"
+        )
+    else:
+        text = f"{command}: {result.status.value} after {seconds:.2f} s; {how}"
+    if result.descendants_killed:
+        text += f"; {result.descendants_killed} descendant(s) stopped"
+    if result.termination_method == "failed" and result.error:
+        text += f"; {result.error}"
+    return text
+
+
+def _exit_status(result: DispatchCompletionResult) -> int:
+    if result.timed_out and result.status != DispatchCompletionStatus.ERROR:
+        return EXIT_TIMEOUT
+    if result.termination_method == "failed":
+        return EXIT_TIMEOUT if result.timed_out else EXIT_LAUNCHER
+    if result.signal is not None:
+        return 128 + result.signal
+    if result.return_code is None:
+        return EXIT_LAUNCHER
+    return result.return_code & 0xFF
+
+
+def _launch(argv: list[str]) -> tuple[Optional[subprocess.Popen[bytes]], int, str]:
+    try:
+        return subprocess.Popen(argv, start_new_session=True), 0, ""
+    except FileNotFoundError as exc:
+        return None, EXIT_NOT_FOUND, f"{argv[0]}: not found ({exc.strerror})"
+    except PermissionError as exc:
+        return None, EXIT_NOT_EXECUTABLE, f"{argv[0]}: cannot execute ({exc.strerror})"
+    except OSError as exc:
+        return None, EXIT_LAUNCHER, f"{argv[0]}: cannot start ({exc.strerror or exc})"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv: list[str] = args.command
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("ralph-reaper run: no command given (usage: run [options] -- CMD...)", file=sys.stderr)
+        return EXIT_LAUNCHER
+    try:
+        get_backend()
+    except BackendUnavailableError as exc:
+        print(f"ralph-reaper: {exc}", file=sys.stderr)
+        return EXIT_LAUNCHER
+    proc, code, message = _launch(argv)
+    if proc is None:
+        print(f"ralph-reaper: {message}", file=sys.stderr)
+        return code
+    session_id = f"run-{uuid.uuid4().hex[:12]}"
+    dispatch = DispatchResult(session_id=session_id, ticket_id=args.ticket, status="launched",
+                              pid=proc.pid)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in handled}
+    interrupted: Optional[int] = None
+    try:
+        try:
+            result = wait_for_dispatch_completion(
+                dispatch,
+                args.ticket,
+                timeout_ms=args.timeout * 1000.0,
+                graceful_shutdown_ms=args.grace * 1000.0,
+            )
+        except _Interrupted as exc:
+            for sig in handled:  # a second ^C must not abandon the stop half-way
+                signal.signal(sig, signal.SIG_IGN)
+            interrupted = exc.signum
+            outcome = terminate(proc.pid, session_id=session_id, kill_wait_ms=args.grace * 1000.0)
+            result = DispatchCompletionResult(
+                ticket_id=args.ticket,
+                session_id=session_id,
+                status=DispatchCompletionStatus.TERMINATED,
+                pid=proc.pid,
+                termination_method=outcome.method if outcome.success else "failed",
+                error=f"ralph-reaper received {signal.Signals(exc.signum).name}",
+                descendants_killed=outcome.descendants_killed,
+                containment=outcome.containment,
+                backend=get_backend().name,
+                stage_ms=outcome.stage_ms,
+            )
+            if outcome.leader_status is not None:
+                result.return_code = outcome.leader_status.return_code
+                result.signal = outcome.leader_status.signal
+                result.core_dumped = outcome.leader_status.core_dumped
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        proc.returncode = result_code_for_popen(proc)
+    record = result.to_dict()
+    record["command"] = argv
+    if args.exit_file:
+        try:
+            write_json_file(Path(args.exit_file), record)
+        except OSError as exc:
+            print(f"ralph-reaper: cannot write {args.exit_file}: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(record, sort_keys=True), flush=True)
+    elif not args.quiet:
+        print(f"ralph-reaper: {_describe(result, os.path.basename(argv[0]))}", file=sys.stderr)
+    if interrupted is not None:
+        return 128 + interrupted
+    return _exit_status(result)
+
+
+def result_code_for_popen(proc: subprocess.Popen[bytes]) -> int:
+    """Stop ``Popen`` from waiting on a child the package already reaped."""
+    return proc.returncode if proc.returncode is not None else 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    backend = get_backend()
+    pins: list[Pin] = []
+    for raw in args.pids:
+        try:
+            pid = check_pid(int(raw))
+        except ValueError as exc:
+            print(f"ralph-reaper watch: bad pid {raw!r}: {exc}", file=sys.stderr)
+            for pin in pins:
+                pin.close()
+            return 2
+        pin = Pin.open(backend, pid)
+        if pin is None:
+            print(f"{pid}: not running", flush=True)
+        else:
+            pins.append(pin)
+    deadline = None if args.timeout <= 0 else args.timeout
+    import time
+
+    started = time.monotonic()
+    try:
+        while pins:
+            left = None if deadline is None else deadline - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                return EXIT_TIMEOUT
+            for pin in wait_any(pins, left):
+                status = pin.collect()
+                code = "unknown" if status is None else str(status.return_code)
+                print(f"{pin.pid}: exited {code}", flush=True)
+                pins.remove(pin)
+                pin.close()
+    finally:
+        for pin in pins:
+            pin.close()
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    info = backend_info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"ralph-reaper {__version__}")
+    print(f"backend: {info['backend']} ({info['reason']})")
+    for name, ok in info["available"].items():
+        why = info["unavailable_because"].get(name, "")
+        print(f"  {name:8} {'available' if ok else 'unavailable: ' + why}")
+    print("kernel features:")
+    for key, value in info["features"].items():
+        print(f"  {key:18} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ralph-reaper",
+        description="Supervise process trees: exact exit reporting, graceful stop, no leftovers.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a command, stop its whole tree on timeout, report how it ended",
+        description="Run CMD in a new session; on timeout stop its whole tree "
+        "(SIGTERM+SIGCONT, then SIGKILL after --grace). Exit status as timeout(1): "
+        "124 timed out, 125 launcher failure, 126/127 not executable/not found, "
+        "128+N killed by signal N, else the command's.",
+    )
+    run.add_argument("--timeout", type=parse_duration, default=0.0, metavar="D",
+                     help="stop the tree after D (e.g. 500ms, 2s, 1.5m; 0 = never)")
+    run.add_argument("--grace", type=parse_duration, default=5.0, metavar="D",
+                     help="time between SIGTERM and SIGKILL (default 5s)")
+    run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    run.add_argument("--exit-file", metavar="P", help="also write the JSON result to P atomically")
+    run.add_argument("--ticket", default="run", help="ticket id to report (default: run)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no report line on stderr")
+    run.add_argument("-v", "--verbose", action="store_true", help="log each step on stderr")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    run.set_defaults(func=cmd_run)
+
+    watch = sub.add_parser("watch", help="wait for any processes to exit (children or not)")
+    watch.add_argument("--timeout", type=parse_duration, default=0.0, metavar="D")
+    watch.add_argument("pids", nargs="+", metavar="PID")
+    watch.set_defaults(func=cmd_watch)
+
+    doctor = sub.add_parser("doctor", help="show the backend in use and the kernel's features")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.DEBUG, format="ralph-reaper: %(message)s")
+    func: Any = args.func
+    try:
+        return int(func(args))
+    except BackendUnavailableError as exc:
+        print(f"ralph-reaper: {exc}", file=sys.stderr)
+        return EXIT_LAUNCHER
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Which processes belong to a dispatch, found and pinned before any signal is sent.
+
+``session`` containment: the live descendants of the leader plus, when the
+leader leads its own session (``start_new_session=True``), every process of
+that session. ``pid`` containment: the leader alone.
+
+Discovery must happen before the first signal: once the leader dies its
+children are reparented and stop looking like its descendants. Each step of a
+stop sequence discovers again from every pinned member, so processes forked in
+the meantime are added; only pinned processes are ever signalled.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .backends.base import Backend
+from .pins import Pin
+
+CONTAINMENTS = ("session", "pid")
+
+
+def _protected() -> set[int]:
+    """This process and its ancestors: never members, whatever /proc says."""
+    out = {0, 1}
+    pid = os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+            pid = int(data[data.rfind(b")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+class Members:
+    """The pinned processes of one dispatch (the leader first)."""
+
+    def __init__(self, backend: Backend, leader: Pin, containment: str) -> None:
+        if containment not in CONTAINMENTS:
+            raise ValueError(f"containment must be one of {CONTAINMENTS}, not {containment!r}")
+        self.backend = backend
+        self.leader = leader
+        self.containment = containment
+        self.pins: dict[int, Pin] = {leader.pid: leader}
+        self._protected = _protected()
+        self._own_session = os.getsid(0)
+        st = backend.proc_stat(leader.pid)
+        #: The leader's session, scanned only when the leader created it and it is not ours.
+        self.session: Optional[int] = None
+        if st is not None and st.session == leader.pid and st.session != self._own_session:
+            self.session = st.session
+
+    def discover(self) -> int:
+        """Pin members not yet pinned; return how many were added."""
+        if self.containment == "pid":
+            return 0
+        roots = [p.pid for p in self.pins.values() if p.status is None]
+        found = self.backend.descendants(roots)
+        if self.session is not None:
+            found.extend(self.backend.session_members(self.session))
+        added = 0
+        for pid in found:
+            if pid in self.pins or pid in self._protected:
+                continue
+            st = self.backend.proc_stat(pid)
+            if st is None:
+                continue
+            # Zombies are pinned too: once their parent is stopped they may be
+            # reparented to this process (a subreaper), which must reap them.
+            pin = Pin.open(self.backend, pid, st.starttime)
+            if pin is not None:
+                self.pins[pid] = pin
+                added += 1
+        return added
+
+    def live(self) -> list[Pin]:
+        return [p for p in self.pins.values() if p.status is None and not p.exited()]
+
+    def others(self) -> list[Pin]:
+        return [p for p in self.pins.values() if p is not self.leader]
+
+    def close(self, keep_leader: bool = False) -> None:
+        for pin in self.pins.values():
+            if keep_leader and pin is self.leader:
+                continue
+            pin.close()

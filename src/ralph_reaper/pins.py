@@ -1,0 +1,190 @@
+"""Pinned processes: a process held so that a later process with its pid is never mistaken for it.
+
+With pidfds the kernel does the pinning. Without them (polling backend, or a
+dispatch degraded after EMFILE) a pin is the pid plus its start time from
+``/proc``, checked before every signal and reap.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import threading
+from typing import Optional
+
+from .backends.base import Backend
+from .exitstatus import ExitStatus
+
+_log = logging.getLogger("ralph_reaper")
+_nofile_raised = False
+_nofile_lock = threading.Lock()
+
+
+def _raise_nofile_once() -> bool:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, once per process; True if it grew."""
+    global _nofile_raised
+    with _nofile_lock:
+        if _nofile_raised:
+            return False
+        _nofile_raised = True
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft >= hard:
+            return False
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return False
+        _log.info(f"ralph-reaper: raised the open-file limit from {soft} to {hard}")
+        return True
+
+
+class Pin:
+    """One process of a dispatch, held for signalling, waiting and reaping."""
+
+    __slots__ = ("backend", "fd", "pid", "starttime", "status")
+
+    def __init__(self, backend: Backend, pid: int, fd: int, starttime: int) -> None:
+        self.backend = backend
+        self.pid = pid
+        self.fd = fd
+        self.starttime = starttime
+        #: The exit, once collected (by :meth:`collect` or a batch drain).
+        self.status: Optional[ExitStatus] = None
+
+    def __repr__(self) -> str:
+        return f"Pin(pid={self.pid}, fd={self.fd}, starttime={self.starttime})"
+
+    @classmethod
+    def open(cls, backend: Backend, pid: int, starttime: Optional[int] = None) -> Optional[Pin]:
+        """Pin ``pid``; None when no such process exists (or it is not the one expected).
+
+        ``starttime``, when given, is the start time seen when the pid was
+        discovered: a process with another start time has reused the pid and
+        is not pinned.
+        """
+        fd = -1
+        if backend.has_pidfd:
+            try:
+                fd = _pidfd_open(backend, pid)
+            except (ProcessLookupError, PermissionError):
+                return None
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # a task that has just exited (6.x)
+                    return None
+                raise
+        st = backend.proc_stat(pid)
+        if fd >= 0:
+            if st is None:
+                # Exited and reaped between pidfd_open and the read: keep the pin,
+                # the pidfd may still tell its exit status.
+                return cls(backend, pid, fd, starttime or 0)
+            if starttime is not None and st.starttime != starttime:
+                os.close(fd)
+                return None
+            return cls(backend, pid, fd, st.starttime)
+        if st is None or (starttime is not None and st.starttime != starttime):
+            return None
+        return cls(backend, pid, -1, st.starttime)
+
+    def _same_process(self) -> Optional[str]:
+        """Without a pidfd: the process state if the pid is still ours, else None."""
+        st = self.backend.proc_stat(self.pid)
+        if st is None or st.starttime != self.starttime:
+            return None
+        return st.state
+
+    def exited(self) -> bool:
+        """True once the process has exited (a zombie has exited)."""
+        if self.status is not None:
+            return True
+        if self.fd >= 0:
+            return bool(self.backend.wait_readable([self.fd], 0.0))
+        state = self._same_process()
+        return state is None or state in ("Z", "X")
+
+    def signal(self, sig: int) -> bool:
+        """Deliver ``sig``; False when the process is already gone."""
+        if self.status is not None:
+            return False
+        try:
+            if self.fd >= 0:
+                self.backend.pidfd_send_signal(self.fd, sig)
+                return True
+            if self._same_process() is None:
+                return False
+            os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def collect(self) -> Optional[ExitStatus]:
+        """The exit status of an exited process: reaped if it is our child.
+
+        None while it runs, or when it exited but nobody can say how (not our
+        child, reaped elsewhere, and a kernel older than 6.15).
+        """
+        if self.status is not None:
+            return self.status
+        if self.fd >= 0:
+            try:
+                reaped = self.backend.waitid_pidfd(self.fd, True)
+            except ChildProcessError:
+                raw = self.backend.pidfd_exit_status(self.fd)
+                if raw is None:
+                    raw = self._zombie_code()
+                if raw is not None:
+                    self.status = ExitStatus(raw)
+                return self.status
+            if reaped is not None:
+                self.status = ExitStatus(reaped.status, reaped.rusage)
+            return self.status
+        return self._collect_polling()
+
+    def _zombie_code(self) -> Optional[int]:
+        st = self.backend.proc_stat(self.pid)
+        if st is not None and st.state == "Z" and st.starttime == self.starttime:
+            return st.exit_code
+        return None
+
+    def _collect_polling(self) -> Optional[ExitStatus]:
+        from .backends.polling import wait4_nohang
+
+        state = self._same_process()
+        if state is None:
+            return None
+        try:
+            reaped = wait4_nohang(self.pid)
+        except ChildProcessError:
+            raw = self._zombie_code() if state == "Z" else None
+            if raw is not None:
+                self.status = ExitStatus(raw)
+            return self.status
+        if reaped is not None:
+            self.status = ExitStatus(reaped.status, reaped.rusage)
+        return self.status
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _pidfd_open(backend: Backend, pid: int) -> int:
+    """pidfd_open with the EMFILE policy: raise the limit once, then degrade to -1."""
+    try:
+        return backend.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+    if _raise_nofile_once():
+        try:
+            return backend.pidfd_open(pid)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+    _log.warning(
+        f"ralph-reaper: out of file descriptors; watching pid {pid} by polling /proc instead"
+    )
+    return -1

@@ -1,0 +1,163 @@
+"""The stop sequence: EOF, then SIGTERM + SIGCONT, then SIGKILL, each stage bounded.
+
+Every stage waits on the pinned members' pidfds, so it ends the moment the
+last member exits; a member that cannot die (uninterruptible sleep) makes the
+sequence give up after the SIGKILL wait instead of hanging the caller.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .backends import get as get_backend
+from .containment import Members
+from .exits import BOOK
+from .exitstatus import ExitStatus
+from .logs import LogSink
+from .pins import Pin
+from .waiting import wait_all
+
+KILL_WAIT_S = 2.0
+#: After SIGKILL, members that forked in the meantime are looked for this many times.
+KILL_ROUNDS = 5
+
+
+@dataclass
+class StopOutcome:
+    """Everything a stop sequence learned; the public API reports parts of it."""
+
+    success: bool
+    method: str
+    leader_status: Optional[ExitStatus] = None
+    descendants_killed: int = 0
+    containment: str = "session"
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    survivors: list[int] = field(default_factory=list)
+
+
+def _signal_all(pins: list[Pin], sig: int) -> list[Pin]:
+    """Signal each live pin; return those the signal reached."""
+    return [p for p in pins if p.signal(sig)]
+
+
+def stop_members(
+    members: Members,
+    *,
+    kill_wait_s: float,
+    eof: Optional[Callable[[], bool]] = None,
+    eof_wait_s: float = 0.0,
+    log: LogSink,
+) -> StopOutcome:
+    """Run the stop sequence on ``members`` (already holding the pinned leader)."""
+    stage_ms: dict[str, float] = {}
+    signalled: set[int] = set()
+    method = "failed"
+    members.discover()
+
+    def stage(name: str, wait_s: float, action: Callable[[], None]) -> bool:
+        t0 = time.monotonic()
+        action()
+        left = wait_all(members.live(), wait_s)
+        stage_ms[name] = (time.monotonic() - t0) * 1000.0
+        return not left
+
+    def send(*sigs: int) -> Callable[[], None]:
+        def action() -> None:
+            members.discover()
+            live = members.live()
+            for sig in sigs:
+                signalled.update(p.pid for p in _signal_all(live, sig))
+
+        return action
+
+    done = False
+    if eof is not None and eof_wait_s > 0 and eof():
+        done = stage("eof", eof_wait_s, members.discover)
+        method = "eof" if done else method
+    if not done:
+        done = stage("sigterm", kill_wait_s, send(signal.SIGTERM, signal.SIGCONT))
+        method = "sigterm" if done else method
+    if not done:
+        t0 = time.monotonic()
+        deadline = t0 + KILL_WAIT_S
+        for _ in range(KILL_ROUNDS):
+            send(signal.SIGKILL)()
+            left = wait_all(members.live(), max(0.0, deadline - time.monotonic()))
+            if left or time.monotonic() >= deadline:
+                break
+            if not members.discover():
+                done = True
+                break
+        stage_ms["sigkill"] = (time.monotonic() - t0) * 1000.0
+        method = "sigkill" if done else "failed"
+        if not done:
+            log.error(f"stop of pid {members.leader.pid} failed: members survive SIGKILL")
+    return _finish(members, done, method, signalled, stage_ms)
+
+
+def _finish(
+    members: Members, done: bool, method: str, signalled: set[int], stage_ms: dict[str, float]
+) -> StopOutcome:
+    """Collect exits (reaping our children), remember the leader's, close every pin."""
+    survivors = []
+    killed = 0
+    for pin in members.pins.values():
+        exited = pin.exited()
+        if exited:
+            pin.collect()
+        else:
+            survivors.append(pin.pid)
+        if pin is not members.leader and exited and pin.pid in signalled:
+            killed += 1
+    leader = members.leader
+    if leader.status is not None:
+        BOOK.remember(leader.pid, leader.starttime, leader.status)
+    members.close()
+    return StopOutcome(
+        success=done,
+        method=method,
+        leader_status=leader.status,
+        descendants_killed=killed,
+        containment=members.containment,
+        stage_ms=stage_ms,
+        survivors=survivors,
+    )
+
+
+def stop_pid(
+    pid: int,
+    *,
+    containment: str,
+    kill_wait_s: float,
+    eof: Optional[Callable[[], bool]] = None,
+    eof_wait_s: float = 0.0,
+    log: LogSink,
+    leader: Optional[Pin] = None,
+) -> StopOutcome:
+    """Stop the dispatch led by ``pid``; a leader that already exited is ``not_running``.
+
+    Members of its session that outlived an exited leader are still stopped:
+    they are what "nothing left behind" is about.
+    """
+    backend = get_backend()
+    if leader is None:
+        leader = BOOK.take(pid) or Pin.open(backend, pid)
+    if leader is None:
+        status = BOOK.lookup(backend, pid)
+        return StopOutcome(True, "not_running", status, containment=containment)
+    members = Members(backend, leader, containment)
+    if leader.exited():
+        members.discover()
+        if len(members.pins) > 1 and members.live():
+            log.info(f"pid {pid} already exited; stopping what it left behind")
+            outcome = stop_members(members, kill_wait_s=kill_wait_s, log=log)
+            outcome.method = "not_running"
+            outcome.success = not outcome.survivors
+            return outcome
+        outcome = _finish(members, True, "not_running", set(), {})
+        return outcome
+    return stop_members(members, kill_wait_s=kill_wait_s, eof=eof, eof_wait_s=eof_wait_s, log=log)

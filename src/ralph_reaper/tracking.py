@@ -1,0 +1,369 @@
+"""The per-dispatch tracking file: ``<ralph_dir>/dispatch/<ticket>.json``.
+
+Whoever launches a dispatch writes this file; this module only records how the
+dispatch ended (:func:`update_dispatch_tracking_status`) and removes the file
+afterwards (:func:`cleanup_dispatch_tracking`).
+
+The file lives in a directory other tools (and agents) write to, so the code is
+defensive about what it finds there:
+
+* the ticket is validated before it becomes a path component, so a ticket
+  such as ``"../x"`` can never address a file outside ``dispatch/``;
+* a symlink is never followed: updating through it could overwrite any file
+  the supervisor can write;
+* a file that is not a JSON object is left byte-for-byte as it is, because
+  replacing it would destroy whatever someone may still want to inspect;
+* the update is atomic (temporary file in the same directory, ``fsync``,
+  ``os.replace``, ``fsync`` of the directory), so a reader sees either the old
+  record or the new one, never a half-written file, even across a crash.
+
+I/O problems are logged, not raised: the tracking file is bookkeeping, and
+failing to update it must not stop the supervisor from reaping processes. A bad
+ticket, on the other hand, is a programming error and raises before anything on
+disk is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .logs import LogSink, resolve_logger
+
+__all__ = [
+    "cleanup_dispatch_tracking",
+    "tracking_path",
+    "update_dispatch_tracking_status",
+]
+
+_DISPATCH_DIR = "dispatch"
+
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+
+# Fields written from the completion result, in file order, with the value used
+# when a result object (e.g. an older, foreign result type) does not have them.
+# ``status`` and ``completed_at`` are handled separately.
+_RESULT_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("return_code", None),
+    ("duration_ms", None),
+    ("termination_method", None),
+    ("error", None),
+    ("signal", None),
+    ("core_dumped", False),
+    ("descendants_killed", 0),
+    ("containment", None),
+    ("backend", None),
+    ("user_time_s", None),
+    ("system_time_s", None),
+    ("max_rss_kb", None),
+    ("stage_ms", None),
+    ("timed_out", None),
+)
+
+_MISSING = object()
+
+
+def _validate_ticket(ticket: object) -> str:
+    """Return ``ticket`` if it is safe as a single file-name component.
+
+    Raises TypeError for a non-string and ValueError for anything that is
+    empty, contains a path separator or NUL, or is ``.``/``..``.
+    """
+    if not isinstance(ticket, str):
+        raise TypeError(f"ticket must be a str, not {type(ticket).__name__}")
+    if not ticket:
+        raise ValueError("ticket must not be empty")
+    if "\x00" in ticket:
+        raise ValueError(f"ticket must not contain NUL: {ticket!r}")
+    separators = {"/", os.sep}
+    if os.altsep:
+        separators.add(os.altsep)
+    if any(sep in ticket for sep in separators):
+        raise ValueError(f"ticket must not contain a path separator: {ticket!r}")
+    if ticket in (".", ".."):
+        raise ValueError(f"ticket must not be {ticket!r}")
+    return ticket
+
+
+def tracking_path(ralph_dir: str | os.PathLike[str], ticket: str) -> Path:
+    """Path of the tracking file of ``ticket``: ``<ralph_dir>/dispatch/<ticket>.json``.
+
+    The ticket is validated first (see module docstring); TypeError or
+    ValueError is raised for one that could name a different file.
+    """
+    name = _validate_ticket(ticket)
+    return Path(ralph_dir) / _DISPATCH_DIR / f"{name}.json"
+
+
+def _status_value(status: object) -> object:
+    """The JSON form of a status: an Enum's value, anything else as given."""
+    if isinstance(status, Enum):
+        return status.value
+    return status
+
+
+def _finite(value: object) -> object:
+    """Replace NaN/infinity by None: they are not valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _completion_fields(result: object) -> dict[str, Any]:
+    """The fields to record, from ``result.to_dict()`` or its attributes.
+
+    A result object that predates the newer fields (only ``status``,
+    ``return_code``, ``duration_ms``, ``termination_method``, ``error`` and the
+    ids) still works: missing fields get neutral defaults, and ``signal`` and
+    ``timed_out`` are derived where the old fields imply them (a return code
+    of ``-N`` means signal N; status ``"timeout"`` means it timed out).
+    """
+    source: Mapping[str, Any] = {}
+    to_dict = getattr(result, "to_dict", None)
+    if callable(to_dict):
+        produced = to_dict()
+        if isinstance(produced, Mapping):
+            source = produced
+
+    def pick(name: str) -> Any:
+        if name in source:
+            return source[name]
+        return getattr(result, name, _MISSING)
+
+    status = pick("status")
+    fields: dict[str, Any] = {
+        "status": None if status is _MISSING else _status_value(status),
+        "completed_at": datetime.now(timezone.utc).isoformat(),
+    }
+    for name, default in _RESULT_FIELDS:
+        value = pick(name)
+        fields[name] = default if value is _MISSING else value
+
+    return_code = fields["return_code"]
+    if (
+        fields["signal"] is None
+        and isinstance(return_code, int)
+        and not isinstance(return_code, bool)
+        and return_code < 0
+    ):
+        fields["signal"] = -return_code
+    if fields["timed_out"] is None:
+        fields["timed_out"] = fields["status"] == "timeout"
+    stage_ms = fields["stage_ms"]
+    if stage_ms is None:
+        fields["stage_ms"] = {}
+    elif isinstance(stage_ms, Mapping):
+        fields["stage_ms"] = {str(key): _finite(value) for key, value in stage_ms.items()}
+    for name in ("duration_ms", "user_time_s", "system_time_s"):
+        fields[name] = _finite(fields[name])
+    return fields
+
+
+def _read_existing(path: Path, log: LogSink) -> tuple[bytes, int] | None:
+    """Read the tracking file without following a symlink.
+
+    Returns its bytes and permission bits, or None (after logging) when there
+    is nothing that may be updated.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        log.debug(f"no dispatch tracking file at {path}; nothing to update")
+        return None
+    except OSError as exc:
+        log.error(f"cannot stat dispatch tracking file {path}: {exc}")
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        log.error(f"dispatch tracking file {path} is a symlink; refusing to follow it")
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        log.error(f"dispatch tracking file {path} is not a regular file; left untouched")
+        return None
+
+    try:
+        # O_NONBLOCK: if the file was swapped for a FIFO after the lstat, the
+        # open must not hang; the fstat below then rejects it.
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+    except FileNotFoundError:
+        log.debug(f"dispatch tracking file {path} disappeared; nothing to update")
+        return None
+    except OSError as exc:
+        # ELOOP here means it was swapped for a symlink after the lstat.
+        log.error(f"cannot open dispatch tracking file {path}: {exc}")
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.error(f"dispatch tracking file {path} is not a regular file; left untouched")
+            return None
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as exc:
+        log.error(f"cannot read dispatch tracking file {path}: {exc}")
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks), stat.S_IMODE(st.st_mode)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, payload: bytes, mode: int) -> None:
+    """Replace ``path`` by a file holding ``payload`` with permission bits ``mode``.
+
+    The temporary file is created next to ``path`` (``os.replace`` is only
+    atomic within one file system) and removed again if anything fails.
+    Raises OSError; the caller logs it.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd_open = True
+    try:
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        fd_open = False
+        os.close(fd)
+        os.replace(tmp_name, path)
+    except BaseException:
+        if fd_open:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def write_json_file(path: Path, record: Mapping[str, Any], mode: int = 0o644) -> None:
+    """Write ``record`` to ``path`` atomically and durably (the exit files of ``run``).
+
+    Raises OSError, TypeError or ValueError; nothing is left at ``path`` but
+    the complete old file or the complete new one.
+    """
+    payload = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+    _write_atomically(path, payload, mode)
+    _fsync_dir(path.parent)
+
+
+def update_dispatch_tracking_status(
+    ralph_dir: str | os.PathLike[str],
+    ticket: str,
+    completion_result: object,
+    logger: object | None = None,
+) -> None:
+    """Record how a dispatch ended in its existing tracking file.
+
+    Keeps every key already in the file and sets ``status`` (the string
+    value), ``completed_at`` (UTC, ISO 8601 with offset), ``return_code``,
+    ``duration_ms``, ``termination_method``, ``error``, ``signal``,
+    ``core_dumped``, ``descendants_killed``, ``containment``, ``backend``,
+    ``user_time_s``, ``system_time_s``, ``max_rss_kb``, ``stage_ms`` and
+    ``timed_out``.
+
+    ``completion_result`` is normally a
+    :class:`~ralph_reaper.results.DispatchCompletionResult`, but any object
+    with the old fields works (its ``status`` may be an Enum or a str).
+
+    Nothing is created when the file does not exist (the dispatch was not
+    tracked). A symlink, a non-regular file, or content that is not a JSON
+    object is left untouched and an error is logged. Other failures are logged
+    too; only an invalid ``ticket`` raises (TypeError/ValueError), before any
+    file is touched.
+    """
+    path = tracking_path(ralph_dir, ticket)
+    log = resolve_logger(logger)
+
+    try:
+        fields = _completion_fields(completion_result)
+    except Exception as exc:
+        log.error(f"cannot read completion result for ticket {ticket!r}: {exc!r}")
+        return
+
+    existing = _read_existing(path, log)
+    if existing is None:
+        return
+    raw, mode = existing
+
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers both JSONDecodeError and UnicodeDecodeError.
+        log.error(f"dispatch tracking file {path} is not valid JSON ({exc}); left untouched")
+        return
+    if not isinstance(record, dict):
+        log.error(
+            f"dispatch tracking file {path} holds a JSON {type(record).__name__}, "
+            "not an object; left untouched"
+        )
+        return
+    record.update(fields)
+
+    try:
+        payload = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        log.error(f"cannot serialise dispatch tracking record for {path}: {exc}")
+        return
+
+    try:
+        _write_atomically(path, payload, mode)
+    except OSError as exc:
+        log.error(f"cannot update dispatch tracking file {path}: {exc}")
+        return
+
+    try:
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        # The new content is in place; only its durability across a crash is
+        # in doubt, so this is not reported as a failed update.
+        log.warning(f"updated {path} but could not fsync its directory: {exc}")
+
+    log.info(f"dispatch tracking file {path} updated: status={fields['status']}")
+
+
+def cleanup_dispatch_tracking(
+    ralph_dir: str | os.PathLike[str],
+    ticket: str,
+    logger: object | None = None,
+) -> None:
+    """Remove the tracking file of ``ticket`` if it exists.
+
+    A symlink is removed as a link; whatever it points to is not touched.
+    A missing file is not an error. Other OSErrors are logged, not raised; an
+    invalid ``ticket`` raises TypeError/ValueError before anything is touched.
+    """
+    path = tracking_path(ralph_dir, ticket)
+    log = resolve_logger(logger)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        log.debug(f"no dispatch tracking file at {path}; nothing to clean up")
+        return
+    except OSError as exc:
+        log.error(f"cannot remove dispatch tracking file {path}: {exc}")
+        return
+    log.info(f"dispatch tracking file {path} removed")

@@ -1,0 +1,97 @@
+"""Helpers for tests that start real processes (set-up only: nothing here asserts timing)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+
+def _stat(pid: int) -> Optional[tuple[str, int, int]]:
+    """(state, ppid, session) of pid, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[3])
+
+
+def alive(pid: int) -> bool:
+    """True while pid names a process that has not exited (a zombie has exited)."""
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def state(pid: int) -> Optional[str]:
+    st = _stat(pid)
+    return None if st is None else st[0]
+
+
+def descendants_of(root: int) -> list[int]:
+    """Every process below ``root`` (zombies included), from one scan of /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                children.setdefault(st[1], []).append(int(name))
+    out: list[int] = []
+    frontier = [root]
+    while frontier:
+        nxt = []
+        for pid in frontier:
+            for child in children.get(pid, ()):
+                out.append(child)
+                nxt.append(child)
+        frontier = nxt
+    return out
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) members of session ``sid``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None and st[2] == sid and st[0] not in ("Z", "X"):
+                out.append(int(name))
+    return out
+
+
+def spawn(script: str, *, new_session: bool = True, **kwargs: object) -> subprocess.Popen[bytes]:
+    """Start ``sh -c script`` the way the Ralph loop starts a dispatch."""
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        ["/bin/sh", "-c", script], start_new_session=new_session, **kwargs
+    )
+
+
+def python_child(code: str, **kwargs: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-c", code], start_new_session=True, **kwargs
+    )
+
+
+def read_pids(proc: subprocess.Popen[bytes], count: int) -> list[int]:
+    """Read ``count`` pids the child printed one per line on its stdout."""
+    assert proc.stdout is not None
+    pids = []
+    for _ in range(count):
+        line = proc.stdout.readline()
+        assert line, "child closed stdout before printing its pids"
+        pids.append(int(line))
+    return pids
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """Poll a condition for up to ``timeout`` s (set-up only: never a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return bool(predicate())
