@@ -28,8 +28,10 @@ from . import __version__
 from .backends import BackendUnavailableError, backend_info
 from .backends import get as get_backend
 from .completion import terminate, wait_for_dispatch_completion
+from .logs import resolve_logger
 from .pins import Pin
 from .results import DispatchCompletionResult, DispatchCompletionStatus, DispatchResult
+from .stopping import stop_orphans
 from .tracking import write_json_file
 from .validation import check_pid
 from .waiting import wait_any
@@ -123,10 +125,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("ralph-reaper run: no command given (usage: run [options] -- CMD...)", file=sys.stderr)
         return EXIT_LAUNCHER
     try:
-        get_backend()
+        backend = get_backend()
     except BackendUnavailableError as exc:
         print(f"ralph-reaper: {exc}", file=sys.stderr)
         return EXIT_LAUNCHER
+    try:
+        # This process exists only for the command: as a subreaper it inherits
+        # whatever the tree orphans, so even detached daemons are stopped below.
+        backend.set_child_subreaper(True)
+    except OSError:
+        pass
     proc, code, message = _launch(argv)
     if proc is None:
         print(f"ralph-reaper: {message}", file=sys.stderr)
@@ -166,10 +174,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 result.return_code = outcome.leader_status.return_code
                 result.signal = outcome.leader_status.signal
                 result.core_dumped = outcome.leader_status.core_dumped
+        swept = stop_orphans(args.grace, resolve_logger(None))
+        result.descendants_killed += swept.descendants_killed
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        proc.returncode = result_code_for_popen(proc)
+        # The package reaped the leader: keep Popen from waiting for it again.
+        proc.returncode = -1 if proc.returncode is None else proc.returncode
     record = result.to_dict()
     record["command"] = argv
     if args.exit_file:
@@ -184,11 +195,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if interrupted is not None:
         return 128 + interrupted
     return _exit_status(result)
-
-
-def result_code_for_popen(proc: subprocess.Popen[bytes]) -> int:
-    """Stop ``Popen`` from waiting on a child the package already reaped."""
-    return proc.returncode if proc.returncode is not None else 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ the meantime are added; only pinned processes are ever signalled.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Optional
 
 from .backends.base import Backend
@@ -39,26 +40,35 @@ def _protected() -> set[int]:
 class Members:
     """The pinned processes of one dispatch (the leader first)."""
 
-    def __init__(self, backend: Backend, leader: Pin, containment: str) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        leader: Optional[Pin],
+        containment: str,
+        extra_roots: Sequence[int] = (),
+    ) -> None:
+        """``extra_roots`` are searched for descendants but never pinned or signalled:
+        a dedicated supervisor passes its own pid to sweep up orphans it inherited."""
         if containment not in CONTAINMENTS:
             raise ValueError(f"containment must be one of {CONTAINMENTS}, not {containment!r}")
         self.backend = backend
         self.leader = leader
         self.containment = containment
-        self.pins: dict[int, Pin] = {leader.pid: leader}
+        self.extra_roots = list(extra_roots)
+        self.pins: dict[int, Pin] = {} if leader is None else {leader.pid: leader}
         self._protected = _protected()
         self._own_session = os.getsid(0)
-        st = backend.proc_stat(leader.pid)
         #: The leader's session, scanned only when the leader created it and it is not ours.
         self.session: Optional[int] = None
-        if st is not None and st.session == leader.pid and st.session != self._own_session:
+        st = None if leader is None else backend.proc_stat(leader.pid)
+        if st is not None and leader is not None and st.session == leader.pid and st.session != self._own_session:
             self.session = st.session
 
     def discover(self) -> int:
         """Pin members not yet pinned; return how many were added."""
         if self.containment == "pid":
             return 0
-        roots = [p.pid for p in self.pins.values() if p.status is None]
+        roots = [p.pid for p in self.pins.values() if p.status is None] + self.extra_roots
         found = self.backend.descendants(roots)
         if self.session is not None:
             found.extend(self.backend.session_members(self.session))

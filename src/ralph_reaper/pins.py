@@ -43,7 +43,7 @@ def _raise_nofile_once() -> bool:
 class Pin:
     """One process of a dispatch, held for signalling, waiting and reaping."""
 
-    __slots__ = ("backend", "fd", "pid", "starttime", "status")
+    __slots__ = ("backend", "fd", "pid", "reaped", "starttime", "status")
 
     def __init__(self, backend: Backend, pid: int, fd: int, starttime: int) -> None:
         self.backend = backend
@@ -52,6 +52,8 @@ class Pin:
         self.starttime = starttime
         #: The exit, once collected (by :meth:`collect` or a batch drain).
         self.status: Optional[ExitStatus] = None
+        #: True once this process reaped it (else its parent did, or will).
+        self.reaped = False
 
     def __repr__(self) -> str:
         return f"Pin(pid={self.pid}, fd={self.fd}, starttime={self.starttime})"
@@ -139,8 +141,33 @@ class Pin:
                 return self.status
             if reaped is not None:
                 self.status = ExitStatus(reaped.status, reaped.rusage)
+                self.reaped = True
             return self.status
         return self._collect_polling()
+
+    def reap_if_child(self) -> None:
+        """Reap an exited process that has become our child since its exit was seen.
+
+        A member that exited while its parent lived was a zombie of that parent;
+        once the parent dies it is reparented, to us when we are a subreaper,
+        and must be reaped here or it stays a zombie for good.
+        """
+        if self.reaped or not self.exited():
+            return
+        try:
+            if self.fd >= 0:
+                got = self.backend.waitid_pidfd(self.fd, True)
+            elif self._same_process() is not None:
+                from .backends.polling import wait4_nohang
+
+                got = wait4_nohang(self.pid)
+            else:
+                return
+        except ChildProcessError:
+            return
+        if got is not None:
+            self.status = ExitStatus(got.status, got.rusage)
+            self.reaped = True
 
     def _zombie_code(self) -> Optional[int]:
         st = self.backend.proc_stat(self.pid)

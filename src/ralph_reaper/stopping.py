@@ -7,6 +7,7 @@ sequence give up after the SIGKILL wait instead of hanging the caller.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -95,7 +96,8 @@ def stop_members(
         stage_ms["sigkill"] = (time.monotonic() - t0) * 1000.0
         method = "sigkill" if done else "failed"
         if not done:
-            log.error(f"stop of pid {members.leader.pid} failed: members survive SIGKILL")
+            survivors = [p.pid for p in members.live()]
+            log.error(f"stop failed: members survive SIGKILL: {survivors}")
     return _finish(members, done, method, signalled, stage_ms)
 
 
@@ -109,18 +111,19 @@ def _finish(
         exited = pin.exited()
         if exited:
             pin.collect()
+            pin.reap_if_child()
         else:
             survivors.append(pin.pid)
         if pin is not members.leader and exited and pin.pid in signalled:
             killed += 1
     leader = members.leader
-    if leader.status is not None:
+    if leader is not None and leader.status is not None:
         BOOK.remember(leader.pid, leader.starttime, leader.status)
     members.close()
     return StopOutcome(
         success=done,
         method=method,
-        leader_status=leader.status,
+        leader_status=None if leader is None else leader.status,
         descendants_killed=killed,
         containment=members.containment,
         stage_ms=stage_ms,
@@ -161,3 +164,16 @@ def stop_pid(
         outcome = _finish(members, True, "not_running", set(), {})
         return outcome
     return stop_members(members, kill_wait_s=kill_wait_s, eof=eof, eof_wait_s=eof_wait_s, log=log)
+
+
+def stop_orphans(kill_wait_s: float, log: LogSink) -> StopOutcome:
+    """Stop every process below this one (a dedicated supervisor and subreaper).
+
+    Only for a process whose children all belong to one dispatch, such as
+    ``ralph-reaper run``: as a subreaper it inherits the orphans of the tree,
+    and this sweeps them up once the command has ended.
+    """
+    members = Members(get_backend(), None, "session", extra_roots=[os.getpid()])
+    if not members.discover():
+        return StopOutcome(True, "not_running")
+    return stop_members(members, kill_wait_s=kill_wait_s, log=log)

@@ -95,6 +95,7 @@ def wait_all(
             if epset is not None and by_token:
                 for event in epset.drain(wait_s, 1024):
                     pin = by_token.pop(event.token)
+                    pin.reaped = event.reaped
                     if event.status is not None:
                         pin.status = ExitStatus(event.status, event.rusage)
                     elif not event.reaped:
