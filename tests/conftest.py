@@ -16,10 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from procs import alive, descendants_of, state
 from ralph_reaper import backends
 from ralph_reaper.exits import BOOK
-
-from procs import alive, descendants_of, state
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -34,8 +34,15 @@ def run_cli(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_run_timeout_stops_the_tree_and_reports(backend: str) -> None:
     done = run_cli(
-        backend, "run", "--json", "--timeout", "300ms", "--",
-        "sh", "-c", "sleep 60 & sleep 60 & wait",
+        backend,
+        "run",
+        "--json",
+        "--timeout",
+        "300ms",
+        "--",
+        "sh",
+        "-c",
+        "sleep 60 & sleep 60 & wait",
     )
     assert done.returncode == 124, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
@@ -95,7 +102,9 @@ def test_run_exit_file_is_written_whole(backend: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["abc", "-1s", "1x", ""])
-def test_run_rejects_a_bad_duration_and_starts_nothing(backend: str, bad: str, tmp_path: Path) -> None:
+def test_run_rejects_a_bad_duration_and_starts_nothing(
+    backend: str, bad: str, tmp_path: Path
+) -> None:
     marker = tmp_path / "started"
     done = run_cli(backend, "run", f"--timeout={bad}", "--", "touch", str(marker))
     assert done.returncode == 2
@@ -112,9 +121,21 @@ def test_run_without_a_command_is_a_launcher_error(backend: str) -> None:
 def test_sigterm_to_run_stops_the_tree(backend: str, tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
     runner = subprocess.Popen(
-        [sys.executable, "-m", "ralph_reaper", "run", "--json", "--",
-         "sh", "-c", f"sleep 60 & echo $$ $! > {pidfile}; wait"],
-        env=_env(backend), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ralph_reaper",
+            "run",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            f"sleep 60 & echo $$ $! > {pidfile}; wait",
+        ],
+        env=_env(backend),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert wait_until(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2)
     leader, child = (int(x) for x in pidfile.read_text().split())
@@ -142,7 +163,10 @@ def test_forcing_an_unknown_backend_says_why(backend: str) -> None:
     env["RALPH_REAPER_BACKEND"] = "turbo"
     done = subprocess.run(
         [sys.executable, "-m", "ralph_reaper", "run", "--", "true"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 125
     assert "unknown backend 'turbo'" in done.stderr
@@ -153,7 +177,10 @@ def test_watch_reports_exits_of_processes_it_did_not_start(backend: str) -> None
     second = subprocess.Popen(["sh", "-c", "sleep 0.1; exit 6"])
     watcher = subprocess.run(
         [sys.executable, "-m", "ralph_reaper", "watch", str(first.pid), str(second.pid)],
-        env=_env(backend), capture_output=True, text=True, timeout=60,
+        env=_env(backend),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert first.wait() == 5 and second.wait() == 6
     assert watcher.returncode == 0

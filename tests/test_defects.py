@@ -8,7 +8,6 @@ would hit the test timeout instead of returning.
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest

@@ -10,6 +10,7 @@ leader) when time runs out, and reports how it ended. Exit statuses follow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -122,26 +123,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        print("ralph-reaper run: no command given (usage: run [options] -- CMD...)", file=sys.stderr)
+        print(
+            "ralph-reaper run: no command given (usage: run [options] -- CMD...)", file=sys.stderr
+        )
         return EXIT_LAUNCHER
     try:
         backend = get_backend()
     except BackendUnavailableError as exc:
         print(f"ralph-reaper: {exc}", file=sys.stderr)
         return EXIT_LAUNCHER
-    try:
-        # This process exists only for the command: as a subreaper it inherits
-        # whatever the tree orphans, so even detached daemons are stopped below.
+    # This process exists only for the command: as a subreaper it inherits
+    # whatever the tree orphans, so even detached daemons are stopped below.
+    with contextlib.suppress(OSError):
         backend.set_child_subreaper(True)
-    except OSError:
-        pass
     proc, code, message = _launch(argv)
     if proc is None:
         print(f"ralph-reaper: {message}", file=sys.stderr)
         return code
     session_id = f"run-{uuid.uuid4().hex[:12]}"
-    dispatch = DispatchResult(session_id=session_id, ticket_id=args.ticket, status="launched",
-                              pid=proc.pid)
+    dispatch = DispatchResult(
+        session_id=session_id, ticket_id=args.ticket, status="launched", pid=proc.pid
+    )
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in handled}
     interrupted: Optional[int] = None
@@ -208,11 +210,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
             for pin in pins:
                 pin.close()
             return 2
-        pin = Pin.open(backend, pid)
-        if pin is None:
+        opened = Pin.open(backend, pid)
+        if opened is None:
             print(f"{pid}: not running", flush=True)
         else:
-            pins.append(pin)
+            pins.append(opened)
     deadline = None if args.timeout <= 0 else args.timeout
     import time
 
@@ -266,10 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
         "124 timed out, 125 launcher failure, 126/127 not executable/not found, "
         "128+N killed by signal N, else the command's.",
     )
-    run.add_argument("--timeout", type=parse_duration, default=0.0, metavar="D",
-                     help="stop the tree after D (e.g. 500ms, 2s, 1.5m; 0 = never)")
-    run.add_argument("--grace", type=parse_duration, default=5.0, metavar="D",
-                     help="time between SIGTERM and SIGKILL (default 5s)")
+    run.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=0.0,
+        metavar="D",
+        help="stop the tree after D (e.g. 500ms, 2s, 1.5m; 0 = never)",
+    )
+    run.add_argument(
+        "--grace",
+        type=parse_duration,
+        default=5.0,
+        metavar="D",
+        help="time between SIGTERM and SIGKILL (default 5s)",
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     run.add_argument("--exit-file", metavar="P", help="also write the JSON result to P atomically")
     run.add_argument("--ticket", default="run", help="ticket id to report (default: run)")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from .backends import get as get_backend
 from .exits import BOOK
 from .exitstatus import ExitStatus
-from .logs import LogSink, resolve_logger
+from .logs import resolve_logger
 from .pins import Pin
 from .results import DispatchCompletionResult, DispatchCompletionStatus
 from .stopping import StopOutcome, stop_pid
@@ -244,7 +244,9 @@ def wait_for_dispatch_completion(
         return finish(result)
 
     log.warning(f"Dispatch of {ticket_id} timed out after {timeout_ms}ms; stopping it")
-    outcome = terminate(pid, session_id=session_id, logger=log, kill_wait_ms=grace_ms, leader=leader)
+    outcome = terminate(
+        pid, session_id=session_id, logger=log, kill_wait_ms=grace_ms, leader=leader
+    )
     fields = _result_fields(outcome.leader_status)
     extra: dict[str, Any] = {
         "descendants_killed": outcome.descendants_killed,

@@ -61,7 +61,12 @@ class Members:
         #: The leader's session, scanned only when the leader created it and it is not ours.
         self.session: Optional[int] = None
         st = None if leader is None else backend.proc_stat(leader.pid)
-        if st is not None and leader is not None and st.session == leader.pid and st.session != self._own_session:
+        if (
+            st is not None
+            and leader is not None
+            and st.session == leader.pid
+            and st.session != self._own_session
+        ):
             self.session = st.session
 
     def discover(self) -> int:

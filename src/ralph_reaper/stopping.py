@@ -59,7 +59,7 @@ def stop_members(
     method = "failed"
     members.discover()
 
-    def stage(name: str, wait_s: float, action: Callable[[], None]) -> bool:
+    def stage(name: str, wait_s: float, action: Callable[[], object]) -> bool:
         t0 = time.monotonic()
         action()
         left = wait_all(members.live(), wait_s)

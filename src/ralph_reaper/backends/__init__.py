@@ -43,7 +43,7 @@ def _pidfd_problem() -> Optional[str]:
 
 def _native_problem() -> Optional[str]:
     try:
-        from .. import _native  # noqa: F401
+        import ralph_reaper._native  # noqa: F401
     except ImportError as exc:
         return f"the C extension ralph_reaper._native is not built ({exc})"
     return _pidfd_problem()
@@ -62,9 +62,7 @@ def available() -> list[str]:
 def create(name: str) -> Backend:
     """A fresh backend by name, or BackendUnavailableError saying why not."""
     if name not in NAMES:
-        raise BackendUnavailableError(
-            f"unknown backend {name!r}; choose one of {', '.join(NAMES)}"
-        )
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
     problem = problems()[name]
     if problem is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {problem}")

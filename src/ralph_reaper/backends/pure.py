@@ -7,6 +7,7 @@ event, so it costs more host CPU per exit.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -76,10 +77,8 @@ class PureEpollSet:
         self._tokens[fd] = token
 
     def remove(self, fd: int) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._ep.unregister(fd)
-        except (OSError, ValueError):
-            pass
         self._tokens.pop(fd, None)
 
     def drain(self, timeout_s: Optional[float], max_events: int = 256) -> list[DrainEvent]:
