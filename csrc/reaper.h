@@ -43,6 +43,7 @@ int rr_poll_readable(int fd, int timeout_ms);
 int rr_poll_many(const int *fds, int n, int timeout_ms, unsigned char *ready);
 
 int rr_epoll_create(void);
+/* token must fit in 32 bits (the epoll data word also carries the fd): else -EOVERFLOW. */
 int rr_epoll_add(int epfd, int fd, unsigned long long token);
 int rr_epoll_del(int epfd, int fd);
 /* Wait up to timeout_ms for readable pidfds in epfd, then for each one: remove

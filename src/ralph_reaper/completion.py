@@ -209,7 +209,17 @@ def wait_for_dispatch_completion(
     known = BOOK.lookup(backend, pid)
     leader = None if known is not None else (BOOK.take(pid) or Pin.open(backend, pid))
     if leader is None:
-        return finish(_natural_result(base, known, pid))
+        # Already reaped: report what is known, and still sweep its session.
+        gone = stop_pid(
+            pid,
+            containment="session" if stop_leftovers else "pid",
+            kill_wait_s=grace_ms / 1000.0,
+            log=log,
+        )
+        result = _natural_result(base, known or gone.leader_status, pid)
+        result.descendants_killed = gone.descendants_killed
+        result.stage_ms = gone.stage_ms
+        return finish(result)
 
     log.info(f"Waiting for dispatch of {ticket_id} (pid {pid})")
     deadline = started + timeout_s if timeout_s > 0 else None

@@ -18,23 +18,9 @@ from typing import Optional
 
 from .backends.base import Backend
 from .pins import Pin
+from .validation import ancestry
 
 CONTAINMENTS = ("session", "pid")
-
-
-def _protected() -> set[int]:
-    """This process and its ancestors: never members, whatever /proc says."""
-    out = {0, 1}
-    pid = os.getpid()
-    while pid > 1 and pid not in out:
-        out.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-            pid = int(data[data.rfind(b")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return out
 
 
 class Members:
@@ -46,9 +32,12 @@ class Members:
         leader: Optional[Pin],
         containment: str,
         extra_roots: Sequence[int] = (),
+        session: Optional[int] = None,
     ) -> None:
         """``extra_roots`` are searched for descendants but never pinned or signalled:
-        a dedicated supervisor passes its own pid to sweep up orphans it inherited."""
+        a dedicated supervisor passes its own pid to sweep up orphans it inherited.
+        ``session`` names the session to scan when there is no leader to read it from
+        (a reaped leader's session keeps its id, which no new process can take)."""
         if containment not in CONTAINMENTS:
             raise ValueError(f"containment must be one of {CONTAINMENTS}, not {containment!r}")
         self.backend = backend
@@ -56,18 +45,14 @@ class Members:
         self.containment = containment
         self.extra_roots = list(extra_roots)
         self.pins: dict[int, Pin] = {} if leader is None else {leader.pid: leader}
-        self._protected = _protected()
-        self._own_session = os.getsid(0)
+        self._protected = ancestry()
+        own_session = os.getsid(0)
+        if leader is not None:
+            st = backend.proc_stat(leader.pid)
+            if st is not None and st.session == leader.pid:
+                session = st.session
         #: The leader's session, scanned only when the leader created it and it is not ours.
-        self.session: Optional[int] = None
-        st = None if leader is None else backend.proc_stat(leader.pid)
-        if (
-            st is not None
-            and leader is not None
-            and st.session == leader.pid
-            and st.session != self._own_session
-        ):
-            self.session = st.session
+        self.session = session if session != own_session and containment == "session" else None
 
     def discover(self) -> int:
         """Pin members not yet pinned; return how many were added."""

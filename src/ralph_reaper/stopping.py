@@ -150,19 +150,27 @@ def stop_pid(
     if leader is None:
         leader = BOOK.take(pid) or Pin.open(backend, pid)
     if leader is None:
+        # Reaped already; the session it led may still hold what it left behind.
         status = BOOK.lookup(backend, pid)
-        return StopOutcome(True, "not_running", status, containment=containment)
+        members = Members(backend, None, containment, session=pid)
+        if members.discover() and members.live():
+            log.info(f"pid {pid} already reaped; stopping what it left in its session")
+            outcome = stop_members(members, kill_wait_s=kill_wait_s, log=log)
+        else:
+            outcome = _finish(members, True, "not_running", set(), {})
+        outcome.method = "not_running"
+        outcome.success = not outcome.survivors
+        outcome.leader_status = status
+        return outcome
     members = Members(backend, leader, containment)
     if leader.exited():
-        members.discover()
-        if len(members.pins) > 1 and members.live():
+        if members.discover() and members.live():
             log.info(f"pid {pid} already exited; stopping what it left behind")
             outcome = stop_members(members, kill_wait_s=kill_wait_s, log=log)
             outcome.method = "not_running"
             outcome.success = not outcome.survivors
             return outcome
-        outcome = _finish(members, True, "not_running", set(), {})
-        return outcome
+        return _finish(members, True, "not_running", set(), {})
     return stop_members(members, kill_wait_s=kill_wait_s, eof=eof, eof_wait_s=eof_wait_s, log=log)
 
 

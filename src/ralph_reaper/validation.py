@@ -26,13 +26,34 @@ def check_pid(pid: object) -> int:
     return int(pid)
 
 
+def ancestry() -> set[int]:
+    """This process and its ancestors (0 and 1 included): never to be stopped."""
+    out = {0, 1}
+    pid = os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+            pid = int(data[data.rfind(b")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
 def check_signal_target(pid: object) -> int:
-    """Like :func:`check_pid`, and also refuse init and this very process."""
+    """Like :func:`check_pid`, and also refuse init, this process, its ancestors,
+    and the leaders of its own process group and session: stopping any of them
+    would stop the caller's own group or session."""
     value = check_pid(pid)
     if value == 1:
         raise ValueError("refusing to stop pid 1 (init)")
     if value == os.getpid():
         raise ValueError(f"refusing to stop pid {value}: it is this process")
+    if value in (os.getpgid(0), os.getsid(0)):
+        raise ValueError(f"refusing to stop pid {value}: it leads this process's group or session")
+    if value in ancestry():
+        raise ValueError(f"refusing to stop pid {value}: it is an ancestor of this process")
     return value
 
 
