@@ -136,6 +136,8 @@ class Pin:
                 raw = self.backend.pidfd_exit_status(self.fd)
                 if raw is None:
                     raw = self._zombie_code()
+                if raw is None:  # reaped by its parent between the two reads
+                    raw = self.backend.pidfd_exit_status(self.fd)
                 if raw is not None:
                     self.status = ExitStatus(raw)
                 return self.status
