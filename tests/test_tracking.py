@@ -40,6 +40,7 @@ NEW_FIELDS = (
     "max_rss_kb",
     "stage_ms",
     "timed_out",
+    "stop_reason",
 )
 
 BAD_TICKETS: list[Any] = ["../x", "a/b", "", "a\x00b", ".", "..", "/abs", 123, None, b"x"]

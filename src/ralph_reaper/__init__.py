@@ -15,6 +15,7 @@ from .completion import (
     wait_for_dispatch_completion,
 )
 from .results import DispatchCompletionResult, DispatchCompletionStatus, DispatchResult
+from .spawning import spawn_dispatch
 from .tracking import cleanup_dispatch_tracking, update_dispatch_tracking_status
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "cleanup_dispatch_tracking",
     "graceful_terminate_dispatch",
     "poll_dispatch_status",
+    "spawn_dispatch",
     "update_dispatch_tracking_status",
     "wait_for_dispatch_completion",
 ]

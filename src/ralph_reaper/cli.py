@@ -17,9 +17,7 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -32,6 +30,7 @@ from .completion import terminate, wait_for_dispatch_completion
 from .logs import resolve_logger
 from .pins import Pin
 from .results import DispatchCompletionResult, DispatchCompletionStatus, DispatchResult
+from .spawning import spawn_dispatch
 from .stopping import stop_orphans
 from .tracking import write_json_file
 from .validation import check_pid
@@ -107,17 +106,6 @@ def _exit_status(result: DispatchCompletionResult) -> int:
     return result.return_code & 0xFF
 
 
-def _launch(argv: list[str]) -> tuple[Optional[subprocess.Popen[bytes]], int, str]:
-    try:
-        return subprocess.Popen(argv, start_new_session=True), 0, ""
-    except FileNotFoundError as exc:
-        return None, EXIT_NOT_FOUND, f"{argv[0]}: not found ({exc.strerror})"
-    except PermissionError as exc:
-        return None, EXIT_NOT_EXECUTABLE, f"{argv[0]}: cannot execute ({exc.strerror})"
-    except OSError as exc:
-        return None, EXIT_LAUNCHER, f"{argv[0]}: cannot start ({exc.strerror or exc})"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     argv: list[str] = args.command
     if argv and argv[0] == "--":
@@ -133,56 +121,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"ralph-reaper: {exc}", file=sys.stderr)
         return EXIT_LAUNCHER
     # This process exists only for the command: as a subreaper it inherits
-    # whatever the tree orphans, so even detached daemons are stopped below.
+    # whatever the tree orphans (where no keeper does), so even detached
+    # daemons are stopped below.
     with contextlib.suppress(OSError):
         backend.set_child_subreaper(True)
-    proc, code, message = _launch(argv)
-    if proc is None:
-        print(f"ralph-reaper: {message}", file=sys.stderr)
-        return code
-    session_id = f"run-{uuid.uuid4().hex[:12]}"
-    dispatch = DispatchResult(
-        session_id=session_id, ticket_id=args.ticket, status="launched", pid=proc.pid
-    )
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in handled}
-    interrupted: Optional[int] = None
+    pending: list[int] = []
+    # Until the wait starts a signal is only noted: raising inside the launch
+    # could lose track of a child that has already started.
+    previous = {sig: signal.signal(sig, lambda n, _f: pending.append(n)) for sig in handled}
     try:
-        try:
-            result = wait_for_dispatch_completion(
-                dispatch,
-                args.ticket,
-                timeout_ms=args.timeout * 1000.0,
-                graceful_shutdown_ms=args.grace * 1000.0,
-            )
-        except _Interrupted as exc:
-            for sig in handled:  # a second ^C must not abandon the stop half-way
-                signal.signal(sig, signal.SIG_IGN)
-            interrupted = exc.signum
-            outcome = terminate(proc.pid, session_id=session_id, kill_wait_ms=args.grace * 1000.0)
-            result = DispatchCompletionResult(
-                ticket_id=args.ticket,
-                session_id=session_id,
-                status=DispatchCompletionStatus.TERMINATED,
-                pid=proc.pid,
-                termination_method=outcome.method if outcome.success else "failed",
-                error=f"ralph-reaper received {signal.Signals(exc.signum).name}",
-                descendants_killed=outcome.descendants_killed,
-                containment=outcome.containment,
-                backend=get_backend().name,
-                stage_ms=outcome.stage_ms,
-            )
-            if outcome.leader_status is not None:
-                result.return_code = outcome.leader_status.return_code
-                result.signal = outcome.leader_status.signal
-                result.core_dumped = outcome.leader_status.core_dumped
+        dispatch = spawn_dispatch(
+            argv,
+            ticket_id=args.ticket,
+            stdin="inherit",
+            grace_ms=args.grace * 1000.0,
+            die_with_parent=True,
+        )
+        if dispatch.status != "launched" or dispatch.pid is None:
+            error = dispatch.error or "cannot start the command"
+            print(f"ralph-reaper: {error}", file=sys.stderr)
+            if error.startswith("command not found"):
+                return EXIT_NOT_FOUND
+            if error.startswith("cannot execute"):
+                return EXIT_NOT_EXECUTABLE
+            return EXIT_LAUNCHER
+        interrupted, result = _wait_or_interrupt(args, dispatch, handled, pending)
         swept = stop_orphans(args.grace, resolve_logger(None))
         result.descendants_killed += swept.descendants_killed
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        # The package reaped the leader: keep Popen from waiting for it again.
-        proc.returncode = -1 if proc.returncode is None else proc.returncode
     record = result.to_dict()
     record["command"] = argv
     if args.exit_file:
@@ -197,6 +166,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     if interrupted is not None:
         return 128 + interrupted
     return _exit_status(result)
+
+
+def _wait_or_interrupt(
+    args: argparse.Namespace,
+    dispatch: DispatchResult,
+    handled: tuple[signal.Signals, ...],
+    pending: list[int],
+) -> tuple[Optional[int], DispatchCompletionResult]:
+    """Wait for the dispatch; a signal to this process stops the tree instead."""
+    assert dispatch.pid is not None
+    for sig in handled:
+        signal.signal(sig, _raise_interrupted)
+    try:
+        if pending:
+            raise _Interrupted(pending[0])
+        return None, wait_for_dispatch_completion(
+            dispatch,
+            args.ticket,
+            timeout_ms=args.timeout * 1000.0,
+            graceful_shutdown_ms=args.grace * 1000.0,
+        )
+    except _Interrupted as exc:
+        for sig in handled:  # a second ^C must not abandon the stop half-way
+            signal.signal(sig, signal.SIG_IGN)
+        outcome = terminate(
+            dispatch.pid, session_id=dispatch.session_id, kill_wait_ms=args.grace * 1000.0
+        )
+        result = DispatchCompletionResult(
+            ticket_id=args.ticket,
+            session_id=dispatch.session_id,
+            status=DispatchCompletionStatus.TERMINATED,
+            pid=dispatch.pid,
+            termination_method=outcome.method if outcome.success else "failed",
+            error=f"ralph-reaper received {signal.Signals(exc.signum).name}",
+            descendants_killed=outcome.descendants_killed,
+            containment=outcome.containment,
+            backend=get_backend().name,
+            stage_ms=outcome.stage_ms,
+        )
+        if outcome.leader_status is not None:
+            result.return_code = outcome.leader_status.return_code
+            result.signal = outcome.leader_status.signal
+            result.core_dumped = outcome.leader_status.core_dumped
+        return exc.signum, result
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

@@ -12,12 +12,14 @@ import time
 from typing import Any, Optional
 
 from .backends import get as get_backend
+from .dispatches import REGISTRY, Dispatch
 from .exits import BOOK
 from .exitstatus import ExitStatus
+from .idle import IdleWatch
 from .logs import resolve_logger
 from .pins import Pin
 from .results import DispatchCompletionResult, DispatchCompletionStatus
-from .stopping import StopOutcome, stop_pid
+from .stopping import StopOutcome, keeper_details, stop_keeper, stop_pid
 from .validation import check_ms, check_pid, check_signal_target
 from .waiting import MAX_STEP_S, wait_any
 
@@ -44,6 +46,7 @@ def poll_dispatch_status(pid: int) -> tuple[bool, Optional[int]]:
         return True, None
     status = pin.collect()
     pin.close()
+    REGISTRY.release(pid)
     if status is None:
         return False, None
     BOOK.remember(pid, pin.starttime, status)
@@ -95,15 +98,23 @@ def terminate(
     containment = "session" if use_process_group else "pid"
     label = f"dispatch {session_id} (pid {pid})" if session_id else f"pid {pid}"
     log.info(f"Stopping {label} ({containment} containment)")
-    outcome = stop_pid(
-        pid,
-        containment=containment,
-        kill_wait_s=kill_wait_s,
-        eof=None,
-        eof_wait_s=eof_wait_s,
-        log=log,
-        leader=leader,
-    )
+    dispatch = REGISTRY.get(pid)
+    if dispatch is not None and dispatch.containment == "keeper":
+        outcome = stop_keeper(
+            dispatch, kill_wait_s=kill_wait_s, eof_wait_s=eof_wait_s, log=log, leader=leader
+        )
+    else:
+        outcome = stop_pid(
+            pid,
+            containment=containment,
+            kill_wait_s=kill_wait_s,
+            eof=None if dispatch is None else dispatch.send_eof,
+            eof_wait_s=eof_wait_s,
+            log=log,
+            leader=leader,
+        )
+    if dispatch is not None and not outcome.survivors:
+        REGISTRY.release(pid)
     if outcome.success:
         log.info(f"Stopped {label}: {outcome.method}")
     else:
@@ -163,6 +174,7 @@ def wait_for_dispatch_completion(
     graceful_shutdown_ms: float = 5000.0,
     *,
     stop_leftovers: bool = True,
+    idle_timeout_ms: float = 0.0,
 ) -> DispatchCompletionResult:
     """Wait for a dispatch to end; stop it (whole tree) when ``timeout_ms`` passes.
 
@@ -170,7 +182,10 @@ def wait_for_dispatch_completion(
     the polling backend only; the others are woken by the exit itself. With
     ``stop_leftovers`` (the default), processes of the leader's own session
     that outlive a natural exit are stopped too, and counted in
-    ``descendants_killed``.
+    ``descendants_killed``. With ``idle_timeout_ms`` a dispatch that sits
+    blocked on its stdin, using no CPU, for that long is stopped as idle
+    (EOF first where the package holds its stdin). Dispatches started by
+    :func:`spawn_dispatch` bring their own timeout and idle timeout.
     """
     started = time.monotonic()
     timeout_s = check_ms("timeout_ms", timeout_ms) / 1000.0
@@ -183,7 +198,7 @@ def wait_for_dispatch_completion(
     base: dict[str, Any] = {
         "ticket_id": ticket_id,
         "session_id": session_id,
-        "pid": pid_value if isinstance(pid_value, int) else None,
+        "pid": pid_value if type(pid_value) is int else None,
         "backend": backend.name,
     }
 
@@ -206,88 +221,129 @@ def wait_for_dispatch_completion(
             DispatchCompletionResult(**base, status=DispatchCompletionStatus.ERROR, error=str(exc))
         )
 
+    dispatch = REGISTRY.get(pid)
+    if dispatch is not None:
+        base["containment"] = dispatch.containment
+    idle_s = check_ms("idle_timeout_ms", idle_timeout_ms) / 1000.0
+    if dispatch is not None:
+        if timeout_s <= 0 and dispatch.timeout_ms > 0:
+            timeout_s = max(0.0, dispatch.spawned_at + dispatch.timeout_ms / 1000.0 - started)
+            timeout_s = timeout_s or 1e-9
+        idle_s = idle_s or dispatch.idle_timeout_ms / 1000.0
+    containment = "session" if stop_leftovers else "pid"
+
     known = BOOK.lookup(backend, pid)
     leader = None if known is not None else (BOOK.take(pid) or Pin.open(backend, pid))
     if leader is None:
         # Already reaped: report what is known, and still sweep its session.
-        gone = stop_pid(
-            pid,
-            containment="session" if stop_leftovers else "pid",
-            kill_wait_s=grace_ms / 1000.0,
-            log=log,
-        )
-        result = _natural_result(base, known or gone.leader_status, pid)
-        result.descendants_killed = gone.descendants_killed
-        result.stage_ms = gone.stage_ms
-        return finish(result)
+        gone = stop_pid(pid, containment=containment, kill_wait_s=grace_ms / 1000.0, log=log)
+        if dispatch is not None:
+            keeper_details(dispatch, gone)
+            REGISTRY.release(pid)
+        return finish(_ended(base, gone, known or gone.leader_status, pid))
 
     log.info(f"Waiting for dispatch of {ticket_id} (pid {pid})")
     deadline = started + timeout_s if timeout_s > 0 else None
     next_progress = started + PROGRESS_EVERY_S
-    exited = False
+    idle = _idle_watch(backend, dispatch, pid) if idle_s > 0 else None
+    sample_s = min(max(idle_s / 4.0, 0.05), 1.0)
+    reason: Optional[str] = None
     while True:
         now = time.monotonic()
         wake = next_progress if deadline is None else min(deadline, next_progress)
+        if idle is not None:
+            wake = min(wake, now + sample_s)
         if wait_any([leader], max(0.0, wake - now), step_s):
-            exited = True
             break
         now = time.monotonic()
         if deadline is not None and now >= deadline:
+            reason = "timeout"
+            break
+        if idle is not None and idle.idle_for() >= idle_s:
+            reason = "idle"
             break
         if now >= next_progress:
             log.info(f"Dispatch of {ticket_id} still running after {now - started:.0f}s")
             next_progress += PROGRESS_EVERY_S
 
-    if exited:
+    if reason is None:
         outcome = stop_pid(
-            pid,
-            containment="session" if stop_leftovers else "pid",
-            kill_wait_s=grace_ms / 1000.0,
-            log=log,
-            leader=leader,
+            pid, containment=containment, kill_wait_s=grace_ms / 1000.0, log=log, leader=leader
         )
-        result = _natural_result(base, outcome.leader_status, pid)
-        result.descendants_killed = outcome.descendants_killed
-        result.containment = outcome.containment
-        result.stage_ms = outcome.stage_ms
+        if dispatch is not None:
+            keeper_details(dispatch, outcome)
+            REGISTRY.release(pid)
+        result = _ended(base, outcome, outcome.leader_status, pid)
         log.info(f"Dispatch of {ticket_id} ended: {result.status.value} ({result.return_code})")
         return finish(result)
 
-    log.warning(f"Dispatch of {ticket_id} timed out after {timeout_ms}ms; stopping it")
+    if reason == "idle":
+        log.warning(f"Dispatch of {ticket_id} idle for {idle_s * 1000.0:.0f}ms; stopping it")
+    else:
+        log.warning(
+            f"Dispatch of {ticket_id} timed out after {timeout_s * 1000.0:.0f}ms; stopping it"
+        )
     outcome = terminate(
         pid, session_id=session_id, logger=log, kill_wait_ms=grace_ms, leader=leader
     )
+    what = "Idle" if reason == "idle" else "Timed out"
+    limit_ms = (idle_s if reason == "idle" else timeout_s) * 1000.0
+    if outcome.method == "not_running":  # it exited on its own just as time ran out
+        return finish(_ended(base, outcome, outcome.leader_status, pid))
     fields = _result_fields(outcome.leader_status)
     extra: dict[str, Any] = {
+        **base,
+        **fields,
         "descendants_killed": outcome.descendants_killed,
         "containment": outcome.containment,
         "stage_ms": outcome.stage_ms,
         "timed_out": True,
+        "stop_reason": reason,
     }
     if not outcome.success:
         return finish(
             DispatchCompletionResult(
-                **base,
-                **fields,
                 **extra,
                 status=DispatchCompletionStatus.ERROR,
                 termination_method="failed",
-                error=f"Timed out after {timeout_ms}ms and could not be stopped; "
+                error=f"{what} after {limit_ms:.0f}ms and could not be stopped; "
                 f"survivors: {outcome.survivors}",
             )
         )
-    if outcome.method == "not_running":  # it exited on its own just as time ran out
-        result = _natural_result(base, outcome.leader_status, pid)
-        result.descendants_killed = outcome.descendants_killed
-        result.stage_ms = outcome.stage_ms
-        return finish(result)
     return finish(
         DispatchCompletionResult(
-            **base,
-            **fields,
             **extra,
             status=DispatchCompletionStatus.TIMEOUT,
             termination_method=outcome.method,
-            error=f"Timed out after {timeout_ms}ms",
+            error=f"{what} after {limit_ms:.0f}ms",
         )
     )
+
+
+def _idle_watch(backend: Any, dispatch: Optional[Dispatch], pid: int) -> IdleWatch:
+    if dispatch is None:
+        return IdleWatch(backend, pid, pid)
+    dispatch.read_reports()
+    return IdleWatch(backend, pid, dispatch.leader_pid, dispatch.output_paths)
+
+
+def _ended(
+    base: dict[str, Any], outcome: StopOutcome, status: Optional[ExitStatus], pid: int
+) -> DispatchCompletionResult:
+    """The result of a dispatch that ended without being stopped for time or idleness.
+
+    Under keeper containment the keeper may itself have stopped it (its own
+    timeout): its report says so, and the result is then a TIMEOUT.
+    """
+    result = _natural_result(base, status, pid)
+    result.descendants_killed = outcome.descendants_killed
+    result.stage_ms = outcome.stage_ms
+    if outcome.containment == "keeper":
+        result.containment = "keeper"
+    if outcome.keeper_reason == "timeout":
+        result.status = DispatchCompletionStatus.TIMEOUT
+        result.timed_out = True
+        result.stop_reason = "timeout"
+        result.termination_method = outcome.keeper_method or "sigterm"
+        result.error = "Timed out (stopped by its keeper)"
+    return result

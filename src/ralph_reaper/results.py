@@ -52,6 +52,8 @@ class DispatchCompletionResult:
     max_rss_kb: Optional[int] = None
     stage_ms: dict[str, float] = field(default_factory=dict)
     timed_out: bool = False
+    #: Why the package stopped it: "timeout", "idle", or None when it did not.
+    stop_reason: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping (the status as its string value)."""
@@ -74,6 +76,7 @@ class DispatchCompletionResult:
             "max_rss_kb": self.max_rss_kb,
             "stage_ms": dict(self.stage_ms),
             "timed_out": self.timed_out,
+            "stop_reason": self.stop_reason,
         }
 
 

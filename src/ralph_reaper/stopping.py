@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .backends import get as get_backend
+from .backends.base import Rusage
 from .containment import Members
+from .dispatches import Dispatch
 from .exits import BOOK
 from .exitstatus import ExitStatus
 from .logs import LogSink
 from .pins import Pin
-from .waiting import wait_all
+from .waiting import wait_all, wait_any
 
 KILL_WAIT_S = 2.0
 #: After SIGKILL, members that forked in the meantime are looked for this many times.
@@ -38,6 +40,9 @@ class StopOutcome:
     containment: str = "session"
     stage_ms: dict[str, float] = field(default_factory=dict)
     survivors: list[int] = field(default_factory=list)
+    #: Under keeper containment: why and how the keeper itself stopped the tree.
+    keeper_reason: Optional[str] = None
+    keeper_method: Optional[str] = None
 
 
 def _signal_all(pins: list[Pin], sig: int) -> list[Pin]:
@@ -185,3 +190,85 @@ def stop_orphans(kill_wait_s: float, log: LogSink) -> StopOutcome:
     if not members.discover():
         return StopOutcome(True, "not_running")
     return stop_members(members, kill_wait_s=kill_wait_s, log=log)
+
+
+#: Beyond the keeper's own SIGTERM grace and SIGKILL wait, how long the host
+#: waits for a keeper before stopping the tree itself.
+KEEPER_SLACK_S = 1.0
+
+
+def keeper_details(dispatch: Dispatch, outcome: StopOutcome) -> StopOutcome:
+    """Fold the keeper's final report into ``outcome``: what only the keeper saw."""
+    dispatch.read_reports()
+    report = dispatch.final_report
+    if report is None:
+        return outcome
+    outcome.containment = "keeper"
+    outcome.keeper_reason = str(report.get("reason") or "") or None
+    outcome.keeper_method = str(report.get("method") or "") or None
+    outcome.descendants_killed = max(
+        outcome.descendants_killed, int(report.get("descendants_killed") or 0)
+    )
+    stages = report.get("stage_ms")
+    if isinstance(stages, dict):
+        outcome.stage_ms.update({str(k): float(v) for k, v in stages.items() if v is not None})
+    status = outcome.leader_status
+    raw = report.get("status")
+    if isinstance(raw, int) and (status is None or status.status == raw):
+        outcome.leader_status = ExitStatus(
+            raw,
+            Rusage(
+                float(report.get("utime_s") or 0.0),
+                float(report.get("stime_s") or 0.0),
+                int(report.get("maxrss_kb") or 0),
+            ),
+        )
+    return outcome
+
+
+def stop_keeper(
+    dispatch: Dispatch,
+    *,
+    kill_wait_s: float,
+    eof_wait_s: float,
+    log: LogSink,
+    leader: Optional[Pin] = None,
+) -> StopOutcome:
+    """Stop a keeper-contained dispatch: EOF from here, the rest by the keeper's own timers.
+
+    The keeper pins and signals its whole tree itself (everything orphaned in
+    it was reparented to the keeper), so this only asks and waits. A keeper
+    that does not answer in time is stopped from here like any session.
+    """
+    backend = get_backend()
+    pid = dispatch.pid
+    leader = leader or BOOK.take(pid) or Pin.open(backend, pid)
+    if leader is None or leader.exited():
+        outcome = stop_pid(
+            pid, containment="session", kill_wait_s=kill_wait_s, log=log, leader=leader
+        )
+        return keeper_details(dispatch, outcome)
+    stage_ms: dict[str, float] = {}
+    t0 = time.monotonic()
+    if eof_wait_s > 0 and dispatch.send_eof():
+        exited = bool(wait_any([leader], eof_wait_s))
+        stage_ms["eof"] = (time.monotonic() - t0) * 1000.0
+        if exited:
+            outcome = _finish(Members(backend, leader, "pid"), True, "eof", set(), stage_ms)
+            return keeper_details(dispatch, outcome)
+    if not dispatch.request_stop(kill_wait_s * 1000.0):
+        leader.signal(signal.SIGTERM)
+    if wait_any([leader], kill_wait_s + KILL_WAIT_S + KEEPER_SLACK_S):
+        dispatch.read_reports()
+        report = dispatch.final_report or {}
+        method = str(report.get("method") or "sigterm")
+        if method == "natural":  # the command ended on its own as we asked
+            method = "eof" if "eof" in stage_ms else "sigterm"
+        outcome = _finish(
+            Members(backend, leader, "pid"), method != "failed", method, set(), stage_ms
+        )
+        return keeper_details(dispatch, outcome)
+    log.error(f"keeper {pid} did not stop its dispatch in time; stopping the tree from here")
+    outcome = stop_pid(pid, containment="session", kill_wait_s=0.0, log=log, leader=leader)
+    outcome.stage_ms.update(stage_ms)
+    return keeper_details(dispatch, outcome)

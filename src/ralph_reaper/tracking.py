@@ -70,6 +70,7 @@ _RESULT_FIELDS: tuple[tuple[str, Any], ...] = (
     ("max_rss_kb", None),
     ("stage_ms", None),
     ("timed_out", None),
+    ("stop_reason", None),
 )
 
 _MISSING = object()

@@ -1,0 +1,164 @@
+"""What the package knows about the dispatches it started itself.
+
+``spawn_dispatch`` registers each one here under the pid it returned, so that
+``poll``/``terminate``/``wait`` can use more than a pid: the stdin it holds
+(for the EOF stage), and, under keeper containment, the keeper's control pipe
+(to run the stop sequence with the keeper's own timers) and report pipe (the
+command's rusage, stage timings and the descendants the keeper stopped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+EOT = b"\x04"  # ^D: end of input for a terminal in canonical mode
+
+
+@dataclass
+class Dispatch:
+    """One dispatch started by :func:`ralph_reaper.spawn_dispatch`."""
+
+    pid: int
+    ticket_id: str
+    session_id: str
+    containment: str  # "keeper" or "session"
+    popen: subprocess.Popen[bytes]
+    stdin_kind: str  # "pipe", "pty" or "devnull"
+    stdin_fd: Optional[int] = None  # write end of the stdin pipe, or the pty master
+    report_fd: Optional[int] = None  # keeper -> host: JSON lines
+    control_fd: Optional[int] = None  # host -> keeper: "stop <grace_ms>"
+    command_pid: Optional[int] = None
+    timeout_ms: float = 0.0
+    idle_timeout_ms: float = 0.0
+    output_paths: list[str] = field(default_factory=list)
+    spawned_at: float = field(default_factory=time.monotonic)
+    final_report: Optional[dict[str, Any]] = None
+    command_exit: Optional[int] = None
+    report_eof: bool = False
+    _buffer: bytes = b""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def leader_pid(self) -> int:
+        """The command itself (the keeper's child under keeper containment)."""
+        return self.command_pid or self.pid
+
+    def send_eof(self) -> bool:
+        """Close the command's stdin (or type ^D on its pty); False when we hold none."""
+        with self._lock:
+            fd = self.stdin_fd
+            if fd is None:
+                return False
+            if self.stdin_kind == "pty":
+                try:
+                    os.write(fd, EOT)
+                except OSError:
+                    return False
+                return True
+            self.stdin_fd = None
+        os.close(fd)
+        return True
+
+    def request_stop(self, grace_ms: float) -> bool:
+        """Ask the keeper to run its stop sequence; False if it cannot be asked."""
+        with self._lock:
+            fd = self.control_fd
+            if fd is None:
+                return False
+            try:
+                os.write(fd, f"stop {int(grace_ms)}\n".encode())
+            except OSError:
+                return False
+            return True
+
+    def read_reports(self) -> list[dict[str, Any]]:
+        """Take every complete JSON line the keeper has written so far (non-blocking)."""
+        events: list[dict[str, Any]] = []
+        with self._lock:
+            fd = self.report_fd
+            if fd is None:
+                return events
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    break
+                if not chunk:
+                    self.report_eof = True
+                    break
+                self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+                self._note(event)
+        return events
+
+    def _note(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "started" and isinstance(event.get("pid"), int):
+            self.command_pid = event["pid"]
+        elif kind == "command_exit" and isinstance(event.get("status"), int):
+            self.command_exit = event["status"]
+        elif kind == "exit":
+            self.final_report = event
+
+    def close(self) -> None:
+        """Close every fd the package holds for this dispatch."""
+        with self._lock:
+            fds = [self.stdin_fd, self.report_fd, self.control_fd]
+            self.stdin_fd = self.report_fd = self.control_fd = None
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        # The package reaps the process; Popen must not wait for it again.
+        if self.popen.returncode is None:
+            self.popen.returncode = -1
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_pid: dict[int, Dispatch] = {}
+
+    def add(self, dispatch: Dispatch) -> None:
+        with self._lock:
+            self._by_pid[dispatch.pid] = dispatch
+
+    def get(self, pid: int) -> Optional[Dispatch]:
+        with self._lock:
+            return self._by_pid.get(pid)
+
+    def release(self, pid: int) -> None:
+        """Forget a dispatch whose exit has been collected, closing its fds."""
+        with self._lock:
+            dispatch = self._by_pid.pop(pid, None)
+        if dispatch is not None:
+            dispatch.read_reports()
+            dispatch.close()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return list(self._by_pid)
+
+
+REGISTRY = Registry()

@@ -1,0 +1,209 @@
+"""spawn_dispatch: containment, stdin and the EOF stage, idle handling, die_with_parent.
+
+On the native backend dispatches run under a keeper; on the others under
+session containment. Tree shapes that only a subreaper can catch (a daemon
+that detached with setsid after its parent died) are asserted only where the
+keeper claims them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ralph_reaper.keeper_path import keeper_path
+
+import procs
+from ralph_reaper import (
+    DispatchCompletionStatus,
+    DispatchResult,
+    graceful_terminate_dispatch,
+    poll_dispatch_status,
+    spawn_dispatch,
+    wait_for_dispatch_completion,
+)
+
+HOUR_MS = 3_600_000.0
+
+
+def containment_for(backend: str) -> str:
+    return "keeper" if backend == "native" and keeper_path() is not None else "session"
+
+
+def spawn_sh(script: str, **kwargs: Any) -> DispatchResult:
+    kwargs.setdefault("ticket_id", "pt-1")
+    result = spawn_dispatch(["/bin/sh", "-c", script], **kwargs)
+    assert result.status == "launched", result.error
+    return result
+
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255])
+def test_exit_code_is_reported(backend: str, code: int) -> None:
+    dispatch = spawn_sh(f"exit {code}", stdin="devnull")
+    result = wait_for_dispatch_completion(dispatch, "pt-1", poll_interval_ms=HOUR_MS)
+    assert result.return_code == code
+    assert result.status is (
+        DispatchCompletionStatus.COMPLETED if code == 0 else DispatchCompletionStatus.ERROR
+    )
+    assert result.containment == containment_for(backend)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV])
+def test_death_by_signal_is_reported(backend: str, sig: int) -> None:
+    dispatch = spawn_sh(f"ulimit -c 0; kill -{int(sig)} $$", stdin="devnull")
+    result = wait_for_dispatch_completion(dispatch, "pt-1")
+    assert result.status is DispatchCompletionStatus.TERMINATED
+    assert result.return_code == -sig
+    assert result.signal == sig
+    assert result.core_dumped is False
+
+
+def test_a_command_that_cannot_start_is_a_failed_result(backend: str, tmp_path: Path) -> None:
+    missing = spawn_dispatch([str(tmp_path / "nope")], ticket_id="pt-1")
+    assert missing.status == "failed"
+    assert missing.pid is None
+    assert "not found" in (missing.error or "")
+    script = tmp_path / "noexec"
+    script.write_text("#!/bin/sh\n")
+    denied = spawn_dispatch([str(script)], ticket_id="pt-1")
+    assert denied.status == "failed"
+    assert "cannot execute" in (denied.error or "")
+
+
+@pytest.mark.parametrize("bad", [[], "sh -c true", [1, 2], ["a\0b"]])
+def test_bad_argv_raises_and_starts_nothing(backend: str, bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        spawn_dispatch(bad, ticket_id="pt-1")  # type: ignore[arg-type]
+
+
+def test_bad_stdin_choice_raises(backend: str) -> None:
+    with pytest.raises(ValueError):
+        spawn_dispatch(["true"], ticket_id="pt-1", stdin="socket")
+
+
+@pytest.mark.parametrize("stdin", ["pipe", "pty"])
+def test_eof_is_enough_for_a_process_waiting_on_stdin(backend: str, stdin: str) -> None:
+    dispatch = spawn_sh("read line; exit 0", stdin=stdin)
+    ok, method = graceful_terminate_dispatch(
+        dispatch.pid, kill_wait_ms=HOUR_MS, eof_wait_ms=HOUR_MS
+    )
+    assert (ok, method) == (True, "eof")
+    assert poll_dispatch_status(dispatch.pid) == (False, 0)
+
+
+def test_eof_not_enough_escalates_to_sigterm(backend: str) -> None:
+    dispatch = spawn_sh("exec sleep 60", stdin="pipe")
+    ok, method = graceful_terminate_dispatch(dispatch.pid, eof_wait_ms=100, kill_wait_ms=HOUR_MS)
+    assert (ok, method) == (True, "sigterm")
+
+
+def test_stdout_to_a_file(backend: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    dispatch = spawn_sh("echo hello; echo oops >&2", stdin="devnull", stdout=out, stderr="devnull")
+    result = wait_for_dispatch_completion(dispatch, "pt-1")
+    assert result.return_code == 0
+    assert out.read_text() == "hello\n"
+
+
+def test_spawn_timeout_applies_without_a_wait_timeout(backend: str) -> None:
+    dispatch = spawn_sh("sleep 60 & sleep 60 & wait", stdin="devnull", timeout_ms=200)
+    result = wait_for_dispatch_completion(dispatch, "pt-1", graceful_shutdown_ms=HOUR_MS)
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert result.stop_reason == "timeout"
+    assert result.termination_method == "sigterm"
+    assert result.descendants_killed >= 2
+
+
+def test_idle_at_a_prompt_gets_eof(backend: str) -> None:
+    dispatch = spawn_sh("read answer; exit 3", stdin="pipe", idle_timeout_ms=300)
+    result = wait_for_dispatch_completion(dispatch, "pt-1", graceful_shutdown_ms=HOUR_MS)
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert result.stop_reason == "idle"
+    assert result.termination_method == "eof"
+    assert result.return_code == 3
+
+
+def test_busy_process_is_not_idle(backend: str) -> None:
+    # Busy in a loop: never blocked on stdin, so only the timeout may stop it.
+    dispatch = spawn_sh("while :; do :; done", stdin="pipe", idle_timeout_ms=200, timeout_ms=1500)
+    result = wait_for_dispatch_completion(dispatch, "pt-1")
+    assert result.stop_reason == "timeout"
+
+
+def test_sleeping_but_not_on_stdin_is_not_idle(backend: str) -> None:
+    # No CPU, but waiting on something other than its stdin (like a model's answer).
+    dispatch = spawn_sh("exec sleep 60", stdin="pipe", idle_timeout_ms=200, timeout_ms=1500)
+    result = wait_for_dispatch_completion(dispatch, "pt-1")
+    assert result.stop_reason == "timeout"
+
+
+def test_keeper_catches_a_daemon_that_detached(backend: str, tmp_path: Path) -> None:
+    if containment_for(backend) != "keeper":
+        pytest.skip("only the keeper (native backend) claims detached daemons")
+    pidfile = tmp_path / "daemon.pid"
+    code = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "time.sleep(60)\n"
+    )
+    dispatch = spawn_dispatch([sys.executable, "-c", code], ticket_id="pt-1", stdin="devnull")
+    assert procs.wait_until(lambda: pidfile.exists() and pidfile.read_text() != "")
+    daemon = int(pidfile.read_text())
+    assert procs.alive(daemon)
+    ok, method = graceful_terminate_dispatch(dispatch.pid, kill_wait_ms=HOUR_MS)
+    assert (ok, method) == (True, "sigterm")
+    assert procs.state(daemon) is None
+
+
+def test_keeper_writes_the_exit_file(backend: str, tmp_path: Path) -> None:
+    if containment_for(backend) != "keeper":
+        pytest.skip("exit files are written by the keeper (native backend)")
+    exit_file = tmp_path / "exit.json"
+    dispatch = spawn_sh("exit 9", stdin="devnull", exit_file=exit_file)
+    result = wait_for_dispatch_completion(dispatch, "pt-1")
+    assert result.return_code == 9
+    record = json.loads(exit_file.read_text())
+    assert record["exit_code"] == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exit.json"]
+
+
+def test_host_killed_leaves_nothing_alive(backend: str, tmp_path: Path) -> None:
+    if containment_for(backend) != "keeper":
+        pytest.skip("die_with_parent needs the keeper (native backend)")
+    pidfile = tmp_path / "pids"
+    host_code = (
+        "import sys, time\n"
+        "from ralph_reaper import spawn_dispatch\n"
+        "d = spawn_dispatch(['/bin/sh', '-c', sys.argv[1]], ticket_id='pt-1', stdin='devnull')\n"
+        "assert d.status == 'launched', d.error\n"
+        "time.sleep(60)\n"
+    )
+    script = f"sleep 60 & echo $$ $! > {pidfile}; trap '' TERM; wait"
+    host = subprocess.Popen([sys.executable, "-c", host_code, script])
+    assert procs.wait_until(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2)
+    tree = [int(x) for x in pidfile.read_text().split()]
+    host.send_signal(signal.SIGKILL)
+    host.wait()
+    assert procs.wait_until(lambda: not any(procs.alive(p) for p in tree), timeout=10)
+    # Orphans came to this process (a subreaper); reap them for the leak check.
+    assert procs.wait_until(lambda: not procs.descendants_of(os.getpid()) or _reap_some(), 10)
+
+
+def _reap_some() -> bool:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        return True
+    return not procs.descendants_of(os.getpid())
