@@ -1,12 +1,17 @@
 """Build glue for the optional C core; all metadata lives in pyproject.toml.
 
-A failed native build degrades to the pure-Python backends with a warning,
-unless CIBUILDWHEEL=1 or RALPH_REAPER_REQUIRE_NATIVE=1 (release wheels must
-never silently ship without it).
+build_ext also builds the keeper (csrc/keeper.c + csrc/reaper.c), a small
+executable named ralph-reaper-keeper placed next to the _native extension
+(so it ships inside the package, in wheels and with --inplace / pip install -e).
+
+A failed native build (extension or keeper) degrades to the pure-Python
+backends with a warning, unless CIBUILDWHEEL=1 or RALPH_REAPER_REQUIRE_NATIVE=1
+(release wheels must never silently ship without it).
 """
 
 import os
 import sys
+from typing import Optional
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -14,21 +19,29 @@ from setuptools.errors import CCompilerError, CompileError, ExecError, PlatformE
 
 _BUILD_ERRORS = (CCompilerError, CompileError, ExecError, PlatformError, OSError)
 
+_NATIVE = "ralph_reaper._native"
+KEEPER = "ralph-reaper-keeper"
+_KEEPER_SOURCES = [os.path.join("csrc", "keeper.c"), os.path.join("csrc", "reaper.c")]
+# The same flags csrc/build_native.py gives the extension.
+_C_FLAGS = ["-std=gnu99", "-Wall", "-Wextra", "-Werror"]
+
 
 def _native_required() -> bool:
     return any(os.environ.get(v) == "1" for v in ("CIBUILDWHEEL", "RALPH_REAPER_REQUIRE_NATIVE"))
 
 
-def _warn(exc: BaseException) -> None:
+def _warn(
+    exc: BaseException,
+    what: str = "the native backend",
+    outcome: str = "installing the pure-Python backend only",
+) -> None:
     bar = "*" * 78
-    sys.stderr.write(
-        f"\n{bar}\nralph-reaper: the native backend failed to build ({exc}); "
-        f"installing the pure-Python backend only\n{bar}\n\n"
-    )
+    sys.stderr.write(f"\n{bar}\nralph-reaper: {what} failed to build ({exc}); {outcome}\n{bar}\n\n")
 
 
 class OptionalBuildExt(build_ext):
-    """build_ext that warns and carries on without an extension it cannot build."""
+    """build_ext that also builds the keeper, and warns and carries on without
+    an extension (or the keeper) it cannot build."""
 
     def run(self) -> None:
         try:
@@ -53,6 +66,73 @@ class OptionalBuildExt(build_ext):
                 built.append(ext)
         # Later steps (--inplace copy, wheel/editable outputs) only see what exists.
         self.extensions = built
+        self._build_keeper()
+
+    # -- the keeper executable ---------------------------------------------
+
+    def _keeper_file(self, inplace: bool) -> str:
+        """Where the keeper goes: beside _native, in build_lib or (inplace) the source tree."""
+        saved, self.inplace = self.inplace, inplace
+        try:
+            return os.path.join(os.path.dirname(self.get_ext_fullpath(_NATIVE)), KEEPER)
+        finally:
+            self.inplace = saved
+
+    def _build_keeper(self) -> None:
+        # setuptools' run() builds with inplace off, then copies to the source
+        # tree (copy_extensions_to_source) when --inplace / editable.
+        self._keeper_built: Optional[str] = None
+        target = self._keeper_file(bool(self.inplace))
+        try:
+            objects = self.compiler.compile(
+                _KEEPER_SOURCES,
+                output_dir=os.path.join(self.build_temp, "keeper"),
+                include_dirs=["csrc"],
+                debug=self.debug,
+                extra_postargs=_C_FLAGS,
+            )
+            self.mkpath(os.path.dirname(target))
+            self.compiler.link_executable(
+                objects,
+                os.path.basename(target),
+                output_dir=os.path.dirname(target),
+                debug=self.debug,
+                extra_postargs=_C_FLAGS,
+            )
+            os.chmod(target, 0o755)
+        except _BUILD_ERRORS as exc:
+            if _native_required():
+                raise
+            _warn(exc, "the keeper executable", "installing without it (keeper_path() is None)")
+        else:
+            self._keeper_built = target
+
+    def _keeper_exists(self) -> bool:
+        """True once this run built the keeper into the build directory."""
+        built = getattr(self, "_keeper_built", None)
+        return built is not None and built == self._keeper_file(False) and os.path.exists(built)
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        if self._keeper_exists():
+            inplace = self._keeper_file(True)
+            self.copy_file(self._keeper_file(False), inplace, level=self.verbose)
+            os.chmod(inplace, 0o755)
+
+    def get_outputs(self) -> list[str]:
+        outputs = list(super().get_outputs())
+        keeper = self._keeper_file(False)
+        if self._keeper_exists() and keeper not in outputs:
+            outputs.append(keeper)
+        return outputs
+
+    def get_output_mapping(self) -> dict[str, str]:
+        """setuptools >= 64 (editable installs): build file -> source-tree file."""
+        base = getattr(super(), "get_output_mapping", None)
+        mapping = dict(base()) if base is not None else {}
+        if self.inplace and self._keeper_exists():
+            mapping[self._keeper_file(False)] = self._keeper_file(True)
+        return mapping
 
 
 setup(
