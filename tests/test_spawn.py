@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ralph_reaper.keeper_path import keeper_path
 
 import procs
 from ralph_reaper import (
@@ -28,6 +27,7 @@ from ralph_reaper import (
     spawn_dispatch,
     wait_for_dispatch_completion,
 )
+from ralph_reaper.keeper_path import keeper_path
 
 HOUR_MS = 3_600_000.0
 

@@ -14,6 +14,7 @@ from .completion import (
     poll_dispatch_status,
     wait_for_dispatch_completion,
 )
+from .monitor import DispatchMonitor
 from .results import DispatchCompletionResult, DispatchCompletionStatus, DispatchResult
 from .spawning import spawn_dispatch
 from .tracking import cleanup_dispatch_tracking, update_dispatch_tracking_status
@@ -27,6 +28,7 @@ __all__ = [
     "BackendUnavailableError",
     "DispatchCompletionResult",
     "DispatchCompletionStatus",
+    "DispatchMonitor",
     "DispatchResult",
     "__version__",
     "backend_info",

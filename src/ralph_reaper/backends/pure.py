@@ -72,6 +72,10 @@ class PureEpollSet:
         self._ep = select.epoll()
         self._tokens: dict[int, int] = {}
 
+    def fileno(self) -> int:
+        """The epoll fd (readable when a pidfd in the set is), e.g. to nest in an event loop."""
+        return self._ep.fileno()
+
     def add(self, fd: int, token: int) -> None:
         self._ep.register(fd, select.EPOLLIN)
         self._tokens[fd] = token
