@@ -2,8 +2,8 @@
  * ralph-reaper-keeper: a small per-dispatch supervisor (design.md section 5).
  *
  *   ralph-reaper-keeper [--report-fd N] [--control-fd N] [--exit-file PATH]
- *                       [--grace-ms N] [--die-with-parent --parent-pid P]
- *                       -- CMD [ARG...]
+ *                       [--grace-ms N] [--timeout-ms N]
+ *                       [--die-with-parent --parent-pid P] -- CMD [ARG...]
  *
  * Options also take the "--opt=value" form.  Anything else (unknown option,
  * bad number, fd 0-2 or a closed fd, no CMD, an --exit-file whose directory
@@ -85,6 +85,7 @@
  *                       own, nothing left), "leftovers" (it ended on its own
  *                       and survivors were stopped), "signal" (the keeper got
  *                       SIGTERM/INT/HUP/QUIT), "control", "parent_died",
+ *                       "timeout" (--timeout-ms passed since the start),
  *                       "error" (could not start).  The first cause wins.
  *   stage_ms            {"sigterm": ms from SIGTERM until everything was gone
  *                       or SIGKILL was sent, "sigkill": ms from SIGKILL until
@@ -152,10 +153,10 @@
 #define CTL_LINE_MAX 256
 
 enum phase { PH_RUNNING, PH_TERM, PH_KILL };
-enum reason { RS_EXIT, RS_SIGNAL, RS_CONTROL, RS_PARENT_DIED, RS_LEFTOVERS, RS_ERROR };
+enum reason { RS_EXIT, RS_SIGNAL, RS_CONTROL, RS_PARENT_DIED, RS_LEFTOVERS, RS_ERROR, RS_TIMEOUT };
 
-static const char *const reason_names[] = {"exit",        "signal",    "control",
-                                           "parent_died", "leftovers", "error"};
+static const char *const reason_names[] = {"exit",      "signal", "control", "parent_died",
+                                           "leftovers", "error",  "timeout"};
 
 /* One pinned member of the tree. */
 struct pin {
@@ -187,6 +188,7 @@ struct keeper {
     int report_fd, control_fd;
     const char *exit_file;
     long long grace_ms;
+    long long timeout_ms; /* 0: none; else stop the tree this long after the start */
     int die_with_parent, parent_pid;
     char **cmd;
 
@@ -208,6 +210,7 @@ struct keeper {
     int term_to_cmd, kill_to_cmd;     /* ... and reached the live command */
     int64_t t_term, t_kill, t_done;   /* CLOCK_MONOTONIC ns */
     int64_t term_deadline, giveup_deadline, next_scan;
+    int64_t run_deadline; /* --timeout-ms: 0 for none */
     long descendants_killed;
     struct pintab pins;
     int *desc;
@@ -931,6 +934,8 @@ static int poll_timeout(const struct keeper *k, int64_t now)
         until = k->term_deadline;
     else if (k->phase == PH_KILL)
         until = k->next_scan < k->giveup_deadline ? k->next_scan : k->giveup_deadline;
+    else if (k->run_deadline && !k->cmd_reaped)
+        until = k->run_deadline;
     else
         return -1;
     if (until <= now)
@@ -956,6 +961,8 @@ static void main_loop(struct keeper *k)
         }
         if (k->cmd_reaped && k->phase == PH_RUNNING)
             request_stop(k, k->grace_ms, RS_LEFTOVERS);
+        if (k->phase == PH_RUNNING && k->run_deadline && now >= k->run_deadline)
+            request_stop(k, k->grace_ms, RS_TIMEOUT);
         if (k->phase == PH_TERM && now >= k->term_deadline)
             enter_kill(k, now);
         if (k->phase == PH_KILL) {
@@ -1231,7 +1238,8 @@ static void keeper_free(struct keeper *k)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: " PROG " [--report-fd N] [--control-fd N] [--exit-file PATH]\n"
-               "       [--grace-ms N] [--die-with-parent --parent-pid P] -- CMD [ARG...]\n");
+               "       [--grace-ms N] [--timeout-ms N] [--die-with-parent --parent-pid P]\n"
+               "       -- CMD [ARG...]\n");
 }
 
 static int bad_usage(const char *what, const char *arg)
@@ -1292,7 +1300,7 @@ static int parse_args(struct keeper *k, int argc, char **argv)
         name[nlen] = '\0';
         if (strcmp(name, "--report-fd") && strcmp(name, "--control-fd") &&
             strcmp(name, "--exit-file") && strcmp(name, "--grace-ms") &&
-            strcmp(name, "--parent-pid"))
+            strcmp(name, "--timeout-ms") && strcmp(name, "--parent-pid"))
             return bad_usage("unknown option", a);
         if (eq) {
             val = eq + 1;
@@ -1315,6 +1323,10 @@ static int parse_args(struct keeper *k, int argc, char **argv)
             if (parse_num(val, 0, MAX_GRACE_MS, &n) < 0)
                 return bad_usage("--grace-ms wants milliseconds (0 to 86400000)", val);
             k->grace_ms = n;
+        } else if (strcmp(name, "--timeout-ms") == 0) {
+            if (parse_num(val, 0, LLONG_MAX / NS_PER_MS, &n) < 0)
+                return bad_usage("--timeout-ms wants milliseconds", val);
+            k->timeout_ms = n;
         } else {
             if (parse_num(val, 1, INT_MAX, &n) < 0)
                 return bad_usage("--parent-pid wants a pid", val);
@@ -1429,6 +1441,8 @@ int main(int argc, char **argv)
         report_line(&k, &j);
     }
 
+    if (k.timeout_ms > 0)
+        k.run_deadline = mono_ns() + (int64_t)k.timeout_ms * NS_PER_MS;
     main_loop(&k);
 
     report_final(&k, NULL, 0);

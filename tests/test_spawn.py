@@ -207,3 +207,17 @@ def _reap_some() -> bool:
     except ChildProcessError:
         return True
     return not procs.descendants_of(os.getpid())
+
+
+def test_keeper_enforces_the_timeout_when_nobody_waits(backend: str) -> None:
+    if containment_for(backend) != "keeper":
+        pytest.skip("only the keeper (native backend) runs its own timer")
+    dispatch = spawn_sh("sleep 60 & sleep 60", stdin="devnull", timeout_ms=200)
+    assert dispatch.pid is not None
+    # Nobody waits: the keeper stops the tree and exits by itself.
+    assert procs.wait_until(lambda: procs.state(dispatch.pid) in (None, "Z"))
+    result = wait_for_dispatch_completion(dispatch, "pt-1")
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert result.stop_reason == "timeout"
+    assert result.termination_method == "sigterm"
+    assert result.descendants_killed >= 1

@@ -153,6 +153,8 @@ def spawn_dispatch(
                 launch += ["--die-with-parent", "--parent-pid", str(os.getpid())]
             if exit_file is not None:
                 launch += ["--exit-file", os.fspath(exit_file)]
+            if timeout_ms > 0:  # the keeper enforces it even if nobody waits
+                launch += ["--timeout-ms", str(int(timeout_ms))]
             launch += ["--", *args]
         else:
             launch = args
