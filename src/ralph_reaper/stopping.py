@@ -65,11 +65,21 @@ def stop_members(
     members.discover()
 
     def stage(name: str, wait_s: float, action: Callable[[], object]) -> bool:
+        """Act, then wait; a member forked meanwhile gets the same action and wait."""
         t0 = time.monotonic()
+        deadline = t0 + wait_s
         action()
-        left = wait_all(members.live(), wait_s)
+        settled = False
+        for _ in range(KILL_ROUNDS):
+            left = wait_all(members.live(), max(0.0, deadline - time.monotonic()))
+            if left:
+                break
+            if not (members.discover() and members.live()):
+                settled = True
+                break
+            action()
         stage_ms[name] = (time.monotonic() - t0) * 1000.0
-        return not left
+        return settled
 
     def send(*sigs: int) -> Callable[[], None]:
         def action() -> None:
