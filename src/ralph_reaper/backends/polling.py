@@ -14,15 +14,15 @@ import os
 from collections.abc import Sequence
 from typing import NoReturn, Optional
 
-from . import _prctl, procfs
-from .base import EpollSet, ProcStat, Reaped, Rusage
+from ._stdlib_ops import StdlibProcOps
+from .base import EpollSet, Reaped, Rusage
 
 
 def _no_pidfd() -> NoReturn:
     raise OSError(errno.ENOSYS, "the polling backend has no pidfds")
 
 
-class PollingBackend:
+class PollingBackend(StdlibProcOps):
     name = "polling"
     has_pidfd = False
 
@@ -46,21 +46,6 @@ class PollingBackend:
 
     def epoll_set(self) -> EpollSet:
         _no_pidfd()
-
-    def proc_stat(self, pid: int) -> Optional[ProcStat]:
-        return procfs.proc_stat(pid)
-
-    def descendants(self, roots: Sequence[int]) -> list[int]:
-        return procfs.descendants(roots)
-
-    def session_members(self, sid: int) -> list[int]:
-        return procfs.session_members(sid)
-
-    def get_child_subreaper(self) -> bool:
-        return _prctl.get_child_subreaper()
-
-    def set_child_subreaper(self, on: bool) -> None:
-        _prctl.set_child_subreaper(on)
 
 
 def wait4_nohang(pid: int) -> Optional[Reaped]:

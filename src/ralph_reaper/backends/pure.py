@@ -17,8 +17,8 @@ import struct
 from collections.abc import Sequence
 from typing import Optional
 
-from . import _prctl, procfs
-from .base import DrainEvent, ProcStat, Reaped
+from ._stdlib_ops import StdlibProcOps
+from .base import DrainEvent, Reaped
 
 # PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info) with the 64-byte first version.
 PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
@@ -109,7 +109,7 @@ class PureEpollSet:
         self._tokens.clear()
 
 
-class PureBackend:
+class PureBackend(StdlibProcOps):
     name = "pure"
     has_pidfd = True
 
@@ -145,18 +145,3 @@ class PureBackend:
 
     def epoll_set(self) -> PureEpollSet:
         return PureEpollSet()
-
-    def proc_stat(self, pid: int) -> Optional[ProcStat]:
-        return procfs.proc_stat(pid)
-
-    def descendants(self, roots: Sequence[int]) -> list[int]:
-        return procfs.descendants(roots)
-
-    def session_members(self, sid: int) -> list[int]:
-        return procfs.session_members(sid)
-
-    def get_child_subreaper(self) -> bool:
-        return _prctl.get_child_subreaper()
-
-    def set_child_subreaper(self, on: bool) -> None:
-        _prctl.set_child_subreaper(on)
