@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 
 from .backends import get as get_backend
 from .backends.base import Backend
-from .completion import PROGRESS_EVERY_S, _ended
+from .completion import PROGRESS_EVERY_S, _ended, stopped_result
 from .completion import terminate as _blocking_terminate
 from .logs import LogSink, resolve_logger
 from .monitor import (
@@ -44,7 +44,6 @@ from .monitor import (
     _prepare,
     _sessions_in_use,
     _stop_leftovers,
-    _stopped_result,
     _Watch,
 )
 from .results import DispatchCompletionResult
@@ -202,7 +201,7 @@ def _stopped_or_ended(
     if outcome.method == "not_running":  # it exited on its own just as time ran out
         return _ended(base, outcome, outcome.leader_status, w.pid)
     w.reason = reason
-    return _stopped_result(base, outcome, reason, _limit(w))
+    return stopped_result(base, outcome, reason, _limit(w))
 
 
 async def _wait_leader(

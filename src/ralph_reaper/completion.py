@@ -286,37 +286,48 @@ def wait_for_dispatch_completion(
     outcome = terminate(
         pid, session_id=session_id, logger=log, kill_wait_ms=grace_ms, leader=leader
     )
-    what = "Idle" if reason == "idle" else "Timed out"
-    limit_ms = (idle_s if reason == "idle" else timeout_s) * 1000.0
     if outcome.method == "not_running":  # it exited on its own just as time ran out
         return finish(_ended(base, outcome, outcome.leader_status, pid))
-    fields = _result_fields(outcome.leader_status)
-    extra: dict[str, Any] = {
+    limit_s = idle_s if reason == "idle" else timeout_s
+    return finish(stopped_result(base, outcome, reason, limit_s))
+
+
+_WHAT = {
+    "timeout": "Timed out",
+    "idle": "Idle",
+    "terminate": "Terminated on request",
+    "close": "Terminated: the monitor was closed",
+}
+
+
+def stopped_result(
+    base: dict[str, Any], outcome: StopOutcome, reason: str, limit_s: float
+) -> DispatchCompletionResult:
+    """The result of a dispatch the package stopped: for time, idleness or on request."""
+    timed = reason in ("timeout", "idle")
+    what = _WHAT.get(reason, "Stopped")
+    if timed:
+        what = f"{what} after {limit_s * 1000.0:.0f}ms"
+    fields: dict[str, Any] = {
         **base,
-        **fields,
+        **_result_fields(outcome.leader_status),
         "descendants_killed": outcome.descendants_killed,
         "containment": outcome.containment,
         "stage_ms": outcome.stage_ms,
-        "timed_out": True,
+        "timed_out": timed,
         "stop_reason": reason,
     }
     if not outcome.success:
-        return finish(
-            DispatchCompletionResult(
-                **extra,
-                status=DispatchCompletionStatus.ERROR,
-                termination_method="failed",
-                error=f"{what} after {limit_ms:.0f}ms and could not be stopped; "
-                f"survivors: {outcome.survivors}",
-            )
+        failed = f"{what} and could not be stopped" if timed else f"{what}; could not stop it"
+        return DispatchCompletionResult(
+            **fields,
+            status=DispatchCompletionStatus.ERROR,
+            termination_method="failed",
+            error=f"{failed}; survivors: {outcome.survivors}",
         )
-    return finish(
-        DispatchCompletionResult(
-            **extra,
-            status=DispatchCompletionStatus.TIMEOUT,
-            termination_method=outcome.method,
-            error=f"{what} after {limit_ms:.0f}ms",
-        )
+    status = DispatchCompletionStatus.TIMEOUT if timed else DispatchCompletionStatus.TERMINATED
+    return DispatchCompletionResult(
+        **fields, status=status, termination_method=outcome.method, error=what
     )
 
 

@@ -76,7 +76,7 @@ from .completion import (
     DEFAULT_EOF_WAIT_MS,
     _ended,
     _idle_watch,
-    _result_fields,
+    stopped_result,
 )
 from .completion import terminate as _blocking_terminate
 from .containment import Members
@@ -120,13 +120,6 @@ _NEW, _RUNNING, _STOPPING, _HANDED, _ENDING, _SWEEPING, _DONE = range(7)
 
 # Commands posted to the monitor thread.
 _CMD_WATCH, _CMD_TERMINATE, _CMD_CANCEL, _CMD_HANDED, _CMD_CLOSE = range(5)
-
-_WHAT = {
-    "timeout": "Timed out",
-    "idle": "Idle",
-    "terminate": "Terminated on request",
-    "close": "Terminated: the monitor was closed",
-}
 
 
 class _Watch:
@@ -329,37 +322,6 @@ def _idle_sample_s(idle_s: float) -> float:
 def _limit(w: _Watch) -> float:
     """The limit that ran out, for the result's message."""
     return w.idle_s if w.reason == "idle" else w.limit_s
-
-
-def _stopped_result(
-    base: dict[str, Any], outcome: StopOutcome, reason: str, limit_s: float
-) -> DispatchCompletionResult:
-    """The result of a dispatch the package stopped (mirrors wait_for_dispatch_completion)."""
-    timed = reason in ("timeout", "idle")
-    what = _WHAT.get(reason, "Stopped")
-    if timed:
-        what = f"{what} after {limit_s * 1000.0:.0f}ms"
-    fields: dict[str, Any] = {
-        **base,
-        **_result_fields(outcome.leader_status),
-        "descendants_killed": outcome.descendants_killed,
-        "containment": outcome.containment,
-        "stage_ms": outcome.stage_ms,
-        "timed_out": timed,
-        "stop_reason": reason,
-    }
-    if not outcome.success:
-        failed = f"{what} and could not be stopped" if timed else f"{what}; could not stop it"
-        return DispatchCompletionResult(
-            **fields,
-            status=DispatchCompletionStatus.ERROR,
-            termination_method="failed",
-            error=f"{failed}; survivors: {outcome.survivors}",
-        )
-    status = DispatchCompletionStatus.TIMEOUT if timed else DispatchCompletionStatus.TERMINATED
-    return DispatchCompletionResult(
-        **fields, status=status, termination_method=outcome.method, error=what
-    )
 
 
 def _sessions_in_use(backend: Backend, sids: set[int]) -> set[int]:
@@ -1231,7 +1193,7 @@ class DispatchMonitor:
         w.leader = None  # closed by _finish, its exit remembered
         if w.dispatch is not None and not outcome.survivors:
             REGISTRY.release(w.pid)
-        self._complete(w, _stopped_result(w.base(), outcome, w.reason or "terminate", _limit(w)))
+        self._complete(w, stopped_result(w.base(), outcome, w.reason or "terminate", _limit(w)))
 
     # ------------------------------------------------------------------ keeper stops
 
@@ -1274,5 +1236,5 @@ class DispatchMonitor:
         if outcome.method == "not_running":
             result = _ended(base, outcome, outcome.leader_status, w.pid)
         else:
-            result = _stopped_result(base, outcome, w.reason or "terminate", _limit(w))
+            result = stopped_result(base, outcome, w.reason or "terminate", _limit(w))
         self._complete(w, result)
