@@ -265,6 +265,38 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_root() -> Optional[Path]:
+    """The repository root when the package runs from a source checkout (``src/`` layout)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "benchmarks" / "run.py").is_file() else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark suite; it lives beside the package, not in it."""
+    root = _source_root()
+    if root is None:
+        print(
+            "ralph-reaper: the benchmarks are not part of the installed package; run them "
+            "from a source checkout of ralph-reaper:\n"
+            "  pip install -e . && python -m benchmarks.run [--quick] [--out BENCHMARKS.md]",
+            file=sys.stderr,
+        )
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import importlib
+
+    runner: Any = importlib.import_module("benchmarks.run")
+    argv = ["--out", args.out]
+    if args.quick:
+        argv.append("--quick")
+    if args.backends:
+        argv += ["--backends", args.backends]
+    if args.only:
+        argv += ["--only", args.only]
+    return int(runner.main(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ralph-reaper",
@@ -311,6 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="show the backend in use and the kernel's features")
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(func=cmd_doctor)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmarks (from a source checkout)",
+        description="Run benchmarks/run.py: scenarios S1-S6 for every backend and baseline, "
+        "printed as tables and written to --out.",
+    )
+    bench.add_argument("--quick", action="store_true", help="small sizes, few runs (a smoke test)")
+    bench.add_argument("--out", default="BENCHMARKS.md", metavar="FILE", help="report file")
+    bench.add_argument("--backends", default="", metavar="LIST", help="comma-separated")
+    bench.add_argument("--only", default="", metavar="LIST", help="scenarios, e.g. S1,S4")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
