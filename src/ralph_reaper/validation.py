@@ -26,10 +26,22 @@ def check_pid(pid: object) -> int:
     return int(pid)
 
 
-def ancestry() -> set[int]:
-    """This process and its ancestors (0 and 1 included): never to be stopped."""
+_ancestry: tuple[int, frozenset[int]] = (0, frozenset())
+
+
+def ancestry() -> frozenset[int]:
+    """This process and its ancestors (0 and 1 included): never to be stopped.
+
+    Computed once per process: ancestors can only go away (an orphan is
+    reparented to an ancestor or init), so the first answer stays a safe
+    superset; at worst a recycled pid of a dead ancestor is refused.
+    """
+    global _ancestry
+    me = os.getpid()
+    if _ancestry[0] == me:
+        return _ancestry[1]
     out = {0, 1}
-    pid = os.getpid()
+    pid = me
     while pid > 1 and pid not in out:
         out.add(pid)
         try:
@@ -38,7 +50,8 @@ def ancestry() -> set[int]:
             pid = int(data[data.rfind(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             break
-    return out
+    _ancestry = (me, frozenset(out))
+    return _ancestry[1]
 
 
 def check_signal_target(pid: object) -> int:
