@@ -80,11 +80,6 @@ class Members:
     def live(self) -> list[Pin]:
         return [p for p in self.pins.values() if p.status is None and not p.exited()]
 
-    def others(self) -> list[Pin]:
-        return [p for p in self.pins.values() if p is not self.leader]
-
-    def close(self, keep_leader: bool = False) -> None:
+    def close(self) -> None:
         for pin in self.pins.values():
-            if keep_leader and pin is self.leader:
-                continue
             pin.close()

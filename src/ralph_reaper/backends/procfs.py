@@ -10,7 +10,7 @@ A process may vanish between listing and reading: every read treats that as
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 from .base import ProcStat
@@ -125,13 +125,3 @@ def session_members(sid: int) -> list[int]:
         if st is not None and st.session == sid:
             out.append(pid)
     return out
-
-
-def pids_alive(pids: Iterable[int]) -> list[int]:
-    """The pids that still name a process that has not exited (zombies count as exited)."""
-    alive = []
-    for pid in pids:
-        st = proc_stat(pid)
-        if st is not None and st.state not in ("Z", "X"):
-            alive.append(pid)
-    return alive
