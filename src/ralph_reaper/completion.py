@@ -230,7 +230,9 @@ def wait_for_dispatch_completion(
             timeout_s = max(0.0, dispatch.spawned_at + dispatch.timeout_ms / 1000.0 - started)
             timeout_s = timeout_s or 1e-9
         idle_s = idle_s or dispatch.idle_timeout_ms / 1000.0
-    containment = "session" if stop_leftovers else "pid"
+    # A keeper stops what its command left before it exits itself: no sweep needed.
+    keeper = dispatch is not None and dispatch.containment == "keeper"
+    containment = "session" if stop_leftovers and not keeper else "pid"
 
     known = BOOK.lookup(backend, pid)
     leader = None if known is not None else (BOOK.take(pid) or Pin.open(backend, pid))

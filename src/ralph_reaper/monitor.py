@@ -290,6 +290,8 @@ def _prepare(
     dispatch = REGISTRY.get(pid)
     w.dispatch = dispatch
     if dispatch is not None:
+        if dispatch.containment == "keeper":
+            w.stop_leftovers = False  # the keeper stopped them before it exited
         if timeout_s <= 0 and dispatch.timeout_ms > 0:
             timeout_s = max(0.0, dispatch.spawned_at + dispatch.timeout_ms / 1000.0 - started)
             timeout_s = timeout_s or 1e-9
