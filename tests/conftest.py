@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import alive, descendants_of, state
+from procs import Kids, alive, descendants_of, state
 from ralph_reaper import backends
 from ralph_reaper.exits import BOOK
 
@@ -108,3 +108,13 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
         pytest.skip(f"backend {name} unavailable here: {problem}")
     with backends.using(name):
         yield name
+
+
+@pytest.fixture
+def kids() -> Iterator[Kids]:
+    """The processes a test starts itself; their Popen objects are settled afterwards."""
+    k = Kids()
+    try:
+        yield k
+    finally:
+        k.close()

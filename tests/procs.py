@@ -21,6 +21,16 @@ def _stat(pid: int) -> Optional[tuple[str, int, int]]:
     return fields[0].decode(), int(fields[1]), int(fields[3])
 
 
+def starttime(pid: int) -> Optional[int]:
+    """Start time of pid (clock ticks after boot), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rfind(b")") + 2 :].split()[19])
+
+
 def alive(pid: int) -> bool:
     """True while pid names a process that has not exited (a zombie has exited)."""
     st = _stat(pid)
@@ -95,3 +105,41 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.005)
     return bool(predicate())
+
+
+class Kids:
+    """The processes one test started directly (its own children).
+
+    At the end of the test it closes their pipes and, for a child that the
+    package reaped, tells the ``Popen`` object so, so that ``subprocess`` never
+    calls ``waitpid`` on a pid that may since have been reused. A child still
+    present is left alone: the ``no_leftovers`` check must see it.
+    """
+
+    def __init__(self) -> None:
+        self.started: list[tuple[subprocess.Popen[bytes], Optional[int]]] = []
+
+    def _track(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self.started.append((proc, starttime(proc.pid)))
+        return proc
+
+    def sh(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``sh -c script`` in a new session (unless ``new_session=False``)."""
+        return self._track(spawn(script, **kwargs))
+
+    def py(self, code: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """A Python child in a new session, without faulthandler (it would catch SIGSEGV)."""
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+        return self._track(python_child(code, env=env, **kwargs))
+
+    def argv(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("start_new_session", True)
+        return self._track(subprocess.Popen(argv, **kwargs))
+
+    def close(self) -> None:
+        for proc, started_at in self.started:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+            if proc.returncode is None and starttime(proc.pid) != started_at:
+                proc.returncode = -999  # reaped by the package (or the test): nothing to wait for

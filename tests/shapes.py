@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from procs import state
+from procs import starttime, state
 
 PY = sys.executable
 SH = "/bin/sh"
@@ -66,15 +66,6 @@ class Lines:
             if line is None:
                 return out
             out.append(line)
-
-
-def starttime(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rfind(b")") + 2 :].split()[19])
 
 
 class Member:

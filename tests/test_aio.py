@@ -14,13 +14,13 @@ import os
 import random
 import signal
 import subprocess
-from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
 
 import procs
+from procs import Kids
 from ralph_reaper import (
     DispatchCompletionResult,
     DispatchCompletionStatus,
@@ -29,45 +29,6 @@ from ralph_reaper import (
 )
 
 HOUR_MS = 3_600_000.0
-
-
-def _starttime(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rfind(b")") + 2 :].split()[19])
-
-
-class Kids:
-    """Processes a test started; afterwards ``Popen`` learns which the package reaped."""
-
-    def __init__(self) -> None:
-        self.started: list[tuple[subprocess.Popen[bytes], Optional[int]]] = []
-
-    def sh(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(["/bin/sh", "-c", script], **kwargs)
-        self.started.append((proc, _starttime(proc.pid)))
-        return proc
-
-    def close(self) -> None:
-        for proc, starttime in self.started:
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-            if proc.returncode is None and _starttime(proc.pid) != starttime:
-                proc.returncode = -999
-
-
-@pytest.fixture
-def kids() -> Iterator[Kids]:
-    k = Kids()
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 def dispatch(pid: Optional[int]) -> SimpleNamespace:

@@ -17,13 +17,13 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
 
 import procs
+from procs import Kids
 from ralph_reaper import (
     DispatchCompletionResult,
     DispatchCompletionStatus,
@@ -54,11 +54,6 @@ def _stat_fields(pid: int) -> Optional[list[bytes]]:
     return data[data.rfind(b")") + 2 :].split()
 
 
-def _starttime(pid: int) -> Optional[int]:
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[19])
-
-
 def _session(pid: int) -> Optional[int]:
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[3])
@@ -67,53 +62,6 @@ def _session(pid: int) -> Optional[int]:
 def _ppid(pid: int) -> Optional[int]:
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[1])
-
-
-class Kids:
-    """The processes one test started directly (its own children).
-
-    At the end of the test it closes their pipes and, for a child that the
-    package reaped, tells the ``Popen`` object so, so that ``subprocess`` never
-    calls ``waitpid`` on a pid that may since have been reused. A child still
-    present is left alone: the ``no_leftovers`` check must see it.
-    """
-
-    def __init__(self) -> None:
-        self.started: list[tuple[subprocess.Popen[bytes], Optional[int]]] = []
-
-    def _track(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-        self.started.append((proc, _starttime(proc.pid)))
-        return proc
-
-    def sh(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        """``sh -c script`` in a new session (unless ``new_session=False``)."""
-        return self._track(procs.spawn(script, **kwargs))
-
-    def py(self, code: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        """A Python child in a new session, without faulthandler (it would catch SIGSEGV)."""
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
-        return self._track(procs.python_child(code, env=env, **kwargs))
-
-    def argv(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("start_new_session", True)
-        return self._track(subprocess.Popen(argv, **kwargs))
-
-    def close(self) -> None:
-        for proc, starttime in self.started:
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-            if proc.returncode is None and _starttime(proc.pid) != starttime:
-                proc.returncode = -999  # reaped by the package (or the test): nothing to wait for
-
-
-@pytest.fixture
-def kids() -> Iterator[Kids]:
-    k = Kids()
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 def assert_no_trace(*pids: int) -> None:

@@ -19,7 +19,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ from typing import Any, Optional
 import pytest
 
 import procs
+from procs import Kids
 from ralph_reaper import (
     DispatchCompletionResult,
     DispatchCompletionStatus,
@@ -50,58 +50,6 @@ TERM_IGNORING = (
     "while True:\n"
     "    time.sleep(3600)\n"
 )
-
-
-def _starttime(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rfind(b")") + 2 :].split()[19])
-
-
-class Kids:
-    """The processes a test started; afterwards ``Popen`` learns which the package reaped.
-
-    A child still present is left alone (the leak check must see it). A
-    reaped one gets a returncode, so that ``subprocess`` never waits for a pid
-    that may since belong to someone else.
-    """
-
-    def __init__(self) -> None:
-        self.started: list[tuple[subprocess.Popen[bytes], Optional[int]]] = []
-
-    def sh(self, script: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(["/bin/sh", "-c", script], **kwargs)
-        self.started.append((proc, _starttime(proc.pid)))
-        return proc
-
-    def py(self, code: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code], start_new_session=True, env=env, **kwargs
-        )
-        self.started.append((proc, _starttime(proc.pid)))
-        return proc
-
-    def close(self) -> None:
-        for proc, starttime in self.started:
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-            if proc.returncode is None and _starttime(proc.pid) != starttime:
-                proc.returncode = -999
-
-
-@pytest.fixture
-def kids() -> Iterator[Kids]:
-    k = Kids()
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 def dispatch(pid: Optional[int], session_id: str = "sess") -> SimpleNamespace:
