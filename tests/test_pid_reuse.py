@@ -1,0 +1,101 @@
+"""A recycled pid is never signalled nor misreported.
+
+Each case runs inside a new PID namespace whose pid_max is 400 (``unshare``),
+where pids come round again after a few hundred forks. Skipped where creating
+a PID namespace is not permitted (it needs CAP_SYS_ADMIN).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# Runs as pid 1 of the new namespace; argv[1] is the backend to use.
+SCRIPT = r"""
+import os, subprocess, sys, time
+with open("/proc/sys/kernel/pid_max", "w") as f:
+    f.write("400")
+from ralph_reaper import poll_dispatch_status
+from ralph_reaper.backends import using
+from ralph_reaper.pins import Pin
+
+def recycle(pid):
+    # Fork short-lived children until one gets `pid`; return it, still running.
+    time.sleep(0.03)  # a later clock tick: start times differ (the polling guard)
+    for _ in range(5000):
+        child = subprocess.Popen(["sleep", "30"])
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    raise SystemExit(f"pid {pid} never came round again")
+
+# Pids below 300 are never handed out again after a wrap: start above them.
+while True:
+    warm = subprocess.Popen(["true"])
+    warm.wait()
+    if warm.pid > 300:
+        break
+
+with using(sys.argv[1]) as backend:
+    # 1. A reaped child's code is remembered only until a new process has its pid.
+    first = subprocess.Popen(["sh", "-c", "exit 5"])
+    pid = first.pid
+    while poll_dispatch_status(pid) == (True, None):
+        time.sleep(0.001)
+    assert poll_dispatch_status(pid) == (False, 5)
+    first.returncode = 5  # reaped by the package
+    second = recycle(pid)
+    assert poll_dispatch_status(pid) == (True, None), "reported the old exit for a new process"
+    second.kill()
+    second.wait()
+
+    # 2. A pin of a process that exited never reaches the process that reuses its pid.
+    third = subprocess.Popen(["sleep", "30"])
+    pin = Pin.open(backend, third.pid)
+    assert pin is not None
+    third.kill()
+    third.wait()  # reaped behind the pin's back: its pid is free again
+    fourth = recycle(third.pid)
+    assert pin.signal(9) is False, "a stale pin signalled a recycled pid"
+    assert fourth.poll() is None, "the process that reused the pid was hit"
+    assert pin.collect() is None or pin.collect().return_code == -9
+    pin.close()
+    fourth.kill()
+    fourth.wait()
+print("ok")
+"""
+
+
+def _unshare_problem() -> str:
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"creating a PID namespace is not permitted here: {probe.stderr.strip()}"
+    return ""
+
+
+def test_recycled_pid_is_never_signalled_nor_misreported(backend: str) -> None:
+    problem = _unshare_problem()
+    if problem:
+        pytest.skip(problem)
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SCRIPT, backend],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
