@@ -1,0 +1,186 @@
+"""Faults from the design's test matrix: signals interrupting waits, an application
+SIGCHLD handler, another thread reaping children, subprocess reaping a dispatch
+behind our back, and running out of file descriptors.
+
+Where another party reaps the dispatch first, the pidfd backends still know its
+exit (PIDFD_INFO_EXIT, Linux >= 6.15, read from the pidfd pinned before the
+exit); the polling backend cannot, and must say "unknown" rather than guess.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Optional
+
+import pytest
+
+import procs
+from ralph_reaper import DispatchCompletionStatus, DispatchResult, wait_for_dispatch_completion
+from ralph_reaper.backends import problems
+
+HOUR_MS = 3_600_000.0
+
+
+def _exit_info_kernel() -> bool:
+    return problems()["pure"] is None and os.uname().release.split(".")[:2] >= ["6", "15"]
+
+
+def _dispatch(pid: int) -> DispatchResult:
+    return DispatchResult("sess", "pt-1", "launched", pid)
+
+
+def _assert_code_or_unknown(backend: str, result: object, code: int) -> None:
+    """The right code; on the polling backend an honest 'unknown' is also right."""
+    rc = getattr(result, "return_code", None)
+    if rc is None and backend == "polling":
+        assert result.status is DispatchCompletionStatus.ERROR  # type: ignore[attr-defined]
+        assert "unknown" in (result.error or "")  # type: ignore[attr-defined]
+    else:
+        assert rc == code
+
+
+@pytest.fixture
+def sigusr1_storm() -> Iterator[threading.Event]:
+    """Send SIGUSR1 to this process every millisecond while the test runs (a no-op handler)."""
+    hits: list[int] = []
+
+    def handler(signum: int, _frame: Optional[FrameType]) -> None:
+        hits.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    stop = threading.Event()
+
+    def storm() -> None:
+        while not stop.wait(0.001):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    thread = threading.Thread(target=storm, daemon=True)
+    thread.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        thread.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert hits, "the storm never interrupted anything"
+
+
+def test_signals_interrupting_the_wait_change_nothing(
+    backend: str, kids: procs.Kids, sigusr1_storm: threading.Event
+) -> None:
+    proc = kids.sh("sleep 0.3; exit 4")
+    result = wait_for_dispatch_completion(_dispatch(proc.pid), "pt-1", poll_interval_ms=HOUR_MS)
+    assert result.return_code == 4
+    stopper = kids.sh("exec sleep 60")
+    result = wait_for_dispatch_completion(
+        _dispatch(stopper.pid), "pt-1", timeout_ms=200, graceful_shutdown_ms=HOUR_MS
+    )
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert result.termination_method == "sigterm"
+
+
+def test_an_application_sigchld_handler_does_not_disturb_the_wait(
+    backend: str, kids: procs.Kids
+) -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGCHLD, lambda signum, _frame: seen.append(signum))
+    try:
+        proc = kids.sh("sleep 0.2; exit 6")
+        result = wait_for_dispatch_completion(_dispatch(proc.pid), "pt-1")
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert result.return_code == 6
+    assert result.status is DispatchCompletionStatus.ERROR
+
+
+def test_another_thread_reaping_every_child(backend: str, kids: procs.Kids) -> None:
+    if backend != "polling" and not _exit_info_kernel():
+        pytest.skip("needs PIDFD_INFO_EXIT (Linux >= 6.15) to know an exit reaped elsewhere")
+    proc = kids.sh("sleep 0.2; exit 9")
+    pid = proc.pid
+    reaped: list[tuple[int, int]] = []
+
+    def reaper() -> None:
+        # Like an application's own reaper thread: waitpid(-1) until no child is left.
+        while True:
+            try:
+                got, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+            reaped.append((got, status))
+
+    result_box: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: result_box.append(wait_for_dispatch_completion(_dispatch(pid), "pt-1"))
+    )
+    waiter.start()
+    procs.wait_until(lambda: procs.state(pid) in ("Z", None))
+    thief = threading.Thread(target=reaper)
+    thief.start()
+    thief.join()
+    waiter.join()
+    proc.returncode = 9  # reaped by one of the two; Popen must not wait for it
+    _assert_code_or_unknown(backend, result_box[0], 9)
+
+
+def test_subprocess_cleanup_reaping_the_dispatch_first(backend: str) -> None:
+    if backend != "polling" and not _exit_info_kernel():
+        pytest.skip("needs PIDFD_INFO_EXIT (Linux >= 6.15) to know an exit reaped elsewhere")
+    proc = subprocess.Popen(["/bin/sh", "-c", "sleep 0.2; exit 12"], start_new_session=True)
+    pid = proc.pid
+    del proc
+    gc.collect()  # the Popen object is gone: subprocess keeps the pid in _active
+
+    result_box: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: result_box.append(wait_for_dispatch_completion(_dispatch(pid), "pt-1"))
+    )
+    waiter.start()
+    procs.wait_until(lambda: procs.state(pid) in ("Z", None))
+    # Any later Popen runs subprocess._cleanup, which reaps finished _active children.
+    subprocess.run(["true"], check=True)
+    waiter.join()
+    _assert_code_or_unknown(backend, result_box[0], 12)
+
+
+def test_out_of_file_descriptors_raises_the_soft_limit(backend: str) -> None:
+    if backend == "polling":
+        pytest.skip("the polling backend opens no pidfds, so it never meets this EMFILE")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 64:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves nothing to raise to")
+    # In a child Python: fill the fd table up to a lowered soft limit, then wait; the
+    # package raises the soft limit to the hard one once and carries on.
+    code = (
+        "import os, resource, subprocess, sys\n"
+        "from ralph_reaper import DispatchResult, wait_for_dispatch_completion\n"
+        "from ralph_reaper.backends import using\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "p = subprocess.Popen(['sh', '-c', 'sleep 0.2; exit 7'], start_new_session=True)\n"
+        "with using(sys.argv[1]):\n"
+        "    wait_for_dispatch_completion(DispatchResult('s', 't', 'launched', 1), 't')\n"
+        "    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')), hard))\n"
+        "    held = []\n"
+        "    try:\n"
+        "        while True:\n"
+        "            held.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    r = wait_for_dispatch_completion(DispatchResult('s', 't', 'launched', p.pid), 't')\n"
+        "print(r.return_code, resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)\n"
+    )
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, "-c", code, backend], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["7", "True"]
