@@ -191,6 +191,7 @@ def wait_for_dispatch_completion(
     timeout_s = check_ms("timeout_ms", timeout_ms) / 1000.0
     step_s = min(check_ms("poll_interval_ms", poll_interval_ms) / 1000.0, MAX_STEP_S)
     grace_ms = check_ms("graceful_shutdown_ms", graceful_shutdown_ms)
+    idle_s = check_ms("idle_timeout_ms", idle_timeout_ms) / 1000.0
     log = resolve_logger(logger)
     session_id = getattr(dispatch_result, "session_id", "") or ""
     pid_value = getattr(dispatch_result, "pid", None)
@@ -224,7 +225,6 @@ def wait_for_dispatch_completion(
     dispatch = REGISTRY.get(pid)
     if dispatch is not None:
         base["containment"] = dispatch.containment
-    idle_s = check_ms("idle_timeout_ms", idle_timeout_ms) / 1000.0
     if dispatch is not None:
         if timeout_s <= 0 and dispatch.timeout_ms > 0:
             timeout_s = max(0.0, dispatch.spawned_at + dispatch.timeout_ms / 1000.0 - started)
