@@ -184,3 +184,42 @@ def test_out_of_file_descriptors_raises_the_soft_limit(backend: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["7", "True"]
+
+
+def test_with_no_fd_left_a_live_process_is_never_reported_gone(backend: str) -> None:
+    # Soft and hard limit both at the fd table's size: nothing can be raised, no pidfd
+    # opened, no /proc file read. The poll must fail loudly, not answer "not running".
+    code = (
+        "import errno, os, resource, subprocess, sys\n"
+        "from ralph_reaper import poll_dispatch_status\n"
+        "from ralph_reaper.backends import using\n"
+        "p = subprocess.Popen(['sleep', '30'], start_new_session=True)\n"
+        "with using(sys.argv[1]):\n"
+        "    assert poll_dispatch_status(p.pid) == (True, None)\n"
+        "    from ralph_reaper.exits import BOOK\n"
+        "    BOOK.clear()\n"
+        "    n = len(os.listdir('/proc/self/fd'))\n"
+        "    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))\n"
+        "    held = []\n"
+        "    try:\n"
+        "        while True:\n"
+        "            held.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    try:\n"
+        "        answer = poll_dispatch_status(p.pid)\n"
+        "    except OSError as exc:\n"
+        "        answer = errno.errorcode[exc.errno]\n"
+        "    for fd in held:\n"
+        "        os.close(fd)\n"
+        "    p.kill()\n"
+        "    p.wait()\n"
+        "print(answer)\n"
+    )
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, "-c", code, backend], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "EMFILE", done.stdout

@@ -76,8 +76,11 @@ class Pin:
                 if exc.errno == errno.EINVAL:  # a task that has just exited (6.x)
                     return None
                 raise
-        st = backend.proc_stat(pid)
         if fd >= 0:
+            try:
+                st = backend.proc_stat(pid)
+            except OSError:  # out of fds, say: the pidfd alone still pins it
+                return cls(backend, pid, fd, starttime or 0)
             if st is None:
                 # Exited and reaped between pidfd_open and the read: keep the pin,
                 # the pidfd may still tell its exit status.
@@ -86,6 +89,7 @@ class Pin:
                 os.close(fd)
                 return None
             return cls(backend, pid, fd, st.starttime)
+        st = backend.proc_stat(pid)  # without a pidfd, a /proc failure cannot be guessed past
         if st is None or (starttime is not None and st.starttime != starttime):
             return None
         return cls(backend, pid, -1, st.starttime)

@@ -42,12 +42,15 @@ def parse_stat(data: bytes) -> Optional[ProcStat]:
 
 
 def proc_stat(pid: int) -> Optional[ProcStat]:
+    """None when there is no such process; any other failure (EMFILE...) raises.
+
+    Saying "no such process" because /proc could not be read would report a
+    live process as gone.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError:
         return None
     return parse_stat(data)
 
