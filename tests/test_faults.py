@@ -47,6 +47,15 @@ def _assert_code_or_unknown(backend: str, result: object, code: int) -> None:
         assert rc == code
 
 
+def _run_python(code: str, backend: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a child Python (argv[1] = backend) that imports this checkout."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-c", code, backend], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
 @pytest.fixture
 def sigusr1_storm() -> Iterator[threading.Event]:
     """Send SIGUSR1 to this process every millisecond while the test runs (a no-op handler)."""
@@ -177,11 +186,7 @@ def test_out_of_file_descriptors_raises_the_soft_limit(backend: str) -> None:
         "    r = wait_for_dispatch_completion(DispatchResult('s', 't', 'launched', p.pid), 't')\n"
         "print(r.return_code, resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)\n"
     )
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(
-        [sys.executable, "-c", code, backend], capture_output=True, text=True, env=env, timeout=60
-    )
+    done = _run_python(code, backend)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["7", "True"]
 
@@ -216,10 +221,6 @@ def test_with_no_fd_left_a_live_process_is_never_reported_gone(backend: str) -> 
         "    p.wait()\n"
         "print(answer)\n"
     )
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(
-        [sys.executable, "-c", code, backend], capture_output=True, text=True, env=env, timeout=60
-    )
+    done = _run_python(code, backend)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "EMFILE", done.stdout
