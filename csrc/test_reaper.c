@@ -643,10 +643,15 @@ static void test_session(void)
     CHECK(r == 2, "session cap 1 -> %d", r);
     r = rr_list_session(s, NULL, 0);
     CHECK(r == 2, "session count only -> %d", r);
-    r = rr_list_session(getsid(0), out, 8);
-    CHECK(r >= 1, "own session -> %d", r);
-    for (i = 0; i < (r < 8 ? r : 8); i++)
-        CHECK(out[i] != s && out[i] != gc, "setsid'd child in our session");
+    /* getsid() answers 0 when our session's leader lives in another PID
+     * namespace (a container or VM init that never called setsid): there is
+     * no session id to list then, and sid 0 is refused below. */
+    if (getsid(0) > 0) {
+        r = rr_list_session(getsid(0), out, 8);
+        CHECK(r >= 1, "own session -> %d", r);
+        for (i = 0; i < (r < 8 ? r : 8); i++)
+            CHECK(out[i] != s && out[i] != gc, "setsid'd child in our session");
+    }
     CHECK(rr_list_session(0, out, 8) == -EINVAL, "sid 0");
     CHECK(rr_list_session(-1, out, 8) == -EINVAL, "sid -1");
     CHECK(rr_list_session(s, NULL, 8) == -EINVAL, "NULL out");

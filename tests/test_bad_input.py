@@ -8,6 +8,7 @@ so a bad pid handed to ``kill``/``waitpid`` (0, -1, True ...) would show.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import procs
 from ralph_reaper import (
     DispatchCompletionStatus,
+    backends,
     graceful_terminate_dispatch,
     poll_dispatch_status,
     wait_for_dispatch_completion,
@@ -273,3 +275,12 @@ def test_never_stops_the_callers_own_session_or_group(
     assert out[0] == str(proc.pid)
     assert out[2:] == [expected, "survived"]
     assert code == 0
+
+
+@pytest.mark.parametrize("sid", [0, -1])
+def test_session_listing_refuses_session_zero(backend: str, sid: int) -> None:
+    # /proc shows session 0 for every process whose session leader is outside
+    # this PID namespace; listing "session 0" would sweep unrelated processes.
+    with pytest.raises(OSError) as info:
+        backends.get().session_members(sid)
+    assert info.value.errno == errno.EINVAL

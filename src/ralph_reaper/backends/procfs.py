@@ -9,6 +9,7 @@ A process may vanish between listing and reading: every read treats that as
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from typing import Optional
@@ -122,6 +123,13 @@ def descendants(roots: Sequence[int]) -> list[int]:
 
 
 def session_members(sid: int) -> list[int]:
+    """Live members of session ``sid``.
+
+    ``sid`` 0 is refused (``EINVAL``, as the C core does): /proc shows 0 for
+    every process whose session leader is outside this PID namespace, so
+    "session 0" would be half the machine, not one session."""
+    if sid <= 0:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     out: list[int] = []
     for pid in all_pids():
         st = proc_stat(pid)
