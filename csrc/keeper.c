@@ -91,6 +91,8 @@
  *                       or SIGKILL was sent, "sigkill": ms from SIGKILL until
  *                       everything was gone (or the give-up)}; null for a
  *                       stage that did not happen
+ *   survivors           after a give-up ("failed"): pids still alive (the
+ *                       first MAX_SURVIVORS_SHOWN); else []
  *   exec_errno          errno of the failed exec, else 0
  *   error               null, or why the command was not started:
  *                       "parent_died", "pipe", "fork"
@@ -148,6 +150,8 @@
 #define MAX_GRACE_MS 86400000LL /* one day */
 #define PDEATH_GRACE_MS 500
 #define GIVE_UP_MS 2000
+/* Pids listed in a give-up report: enough to act on, small enough for one line. */
+#define MAX_SURVIVORS_SHOWN 32
 #define KILL_RESCAN_MS 10
 #define NS_PER_MS 1000000LL
 #define CTL_LINE_MAX 256
@@ -418,7 +422,7 @@ static int pin_signal(const struct pin *p, int sig)
 /* ---- reporting ----------------------------------------------------------- */
 
 struct jbuf {
-    char b[1024];
+    char b[2048];
     size_t n;
     int overflow;
 };
@@ -524,7 +528,18 @@ static void build_final(const struct keeper *k, struct jbuf *j, const char *erro
         jb_add(j, "%.3f", ms_between(k->t_kill, k->t_done));
     else
         jb_add(j, "null");
-    jb_add(j, "},\"exec_errno\":%d", k->exec_errno);
+    jb_add(j, "}");
+    jb_add(j, ",\"survivors\":[");
+    if (k->gave_up) {
+        size_t s;
+        int shown = 0;
+
+        for (s = 0; s < k->pins.n && shown < MAX_SURVIVORS_SHOWN; s++)
+            if (pin_signal(&k->pins.v[s], 0) == 0)
+                jb_add(j, "%s%d", shown++ ? "," : "", k->pins.v[s].pid);
+    }
+    jb_add(j, "]");
+    jb_add(j, ",\"exec_errno\":%d", k->exec_errno);
     if (error)
         jb_add(j, ",\"error\":\"%s\",\"errno\":%d}", error, err);
     else

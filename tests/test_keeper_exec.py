@@ -207,6 +207,7 @@ def test_exit_code_is_mirrored(run: Any, code: int) -> None:
     assert final["exit_code"] == code and final["signal"] is None
     assert final["method"] == "natural" and final["reason"] == "exit"
     assert final["descendants_killed"] == 0 and final["exec_errno"] == 0
+    assert final["survivors"] == []
     assert final["stage_ms"] == {"sigterm": None, "sigkill": None}
     assert k.event("command_exit")["status"] == status
     # the command_exit line comes before the final one

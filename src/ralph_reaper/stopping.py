@@ -219,6 +219,10 @@ def keeper_details(dispatch: Dispatch, outcome: StopOutcome) -> StopOutcome:
     outcome.descendants_killed = max(
         outcome.descendants_killed, int(report.get("descendants_killed") or 0)
     )
+    survivors = report.get("survivors")
+    if isinstance(survivors, list):
+        known = set(outcome.survivors)
+        outcome.survivors += [p for p in survivors if isinstance(p, int) and p not in known]
     stages = report.get("stage_ms")
     if isinstance(stages, dict):
         outcome.stage_ms.update({str(k): float(v) for k, v in stages.items() if v is not None})
