@@ -37,6 +37,7 @@ from ralph_reaper import (
     poll_dispatch_status,
     spawn_dispatch,
 )
+from ralph_reaper import monitor as monitor_module
 from ralph_reaper.keeper_path import keeper_path
 
 HOUR_MS = 3_600_000.0
@@ -438,3 +439,30 @@ def test_spawned_dispatches(backend: str) -> None:
         assert result.stop_reason == "idle"
         assert result.termination_method == "eof"
         assert result.return_code == 3
+
+
+def test_progress_is_one_line_for_the_whole_monitor(
+    backend: str, kids: Kids, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shortened from 30 s so that several progress lines come during the test.
+    monkeypatch.setattr(monitor_module, "PROGRESS_EVERY_S", 0.05)
+    lines: list[str] = []
+    three = threading.Event()
+
+    class Logger:
+        def info(self, msg: str) -> None:
+            if "still running" in msg:
+                lines.append(msg)
+                if len(lines) >= 3:
+                    three.set()
+
+        warning = error = debug = info
+
+    started = [tree(kids) for _ in range(5)]
+    with DispatchMonitor(Logger()) as monitor:
+        futures = [monitor.watch(dispatch(p.pid), f"pg-{i}") for i, p in enumerate(started)]
+        assert three.wait(30), lines
+        monitor.close()
+    assert all(f.result().stop_reason == "close" for f in futures)
+    # One line per tick for all five, naming the dispatch watched longest.
+    assert all(line.startswith("5 dispatch(es) still running; longest: pg-0") for line in lines[:3])

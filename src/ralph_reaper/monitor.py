@@ -74,6 +74,7 @@ from .backends import get as get_backend
 from .backends.base import Backend, EpollSet
 from .completion import (
     DEFAULT_EOF_WAIT_MS,
+    PROGRESS_EVERY_S,
     _ended,
     _idle_watch,
     stopped_result,
@@ -433,6 +434,7 @@ class DispatchMonitor:
         self._tokens: dict[int, tuple[_Owner, Pin]] = {}
         self._next_token = itertools.count(1)
         self._ending: list[_Watch] = []
+        self._progress_entry: Optional[list[Any]] = None
         self._active = 0
         self._handed = 0
         self._pool: Optional[cf.ThreadPoolExecutor] = None
@@ -794,6 +796,8 @@ class DispatchMonitor:
             self._natural(w)
             return
         now = time.monotonic()
+        if self._progress_entry is None:
+            self._progress_entry = self._schedule(now + PROGRESS_EVERY_S, self._progress, None)
         w.watching = True
         w.token = self._register(w, leader)
         if not w.token:
@@ -803,6 +807,23 @@ class DispatchMonitor:
             w.deadline_entry = self._schedule(w.started + w.limit_s, self._deadline, w)
         if w.idle is not None and w.idle_s > 0:
             self._schedule(now + _idle_sample_s(w.idle_s), self._idle_tick, w)
+
+    def _progress(self, _arg: Any) -> None:
+        """One line per PROGRESS_EVERY_S for the whole monitor, not one per dispatch:
+        with thousands watched, per-dispatch lines (as a lone wait logs) would
+        drown the log."""
+        self._progress_entry = None
+        with self._lock:
+            running = [w for w in self._watches.values() if w.state not in (_NEW, _DONE)]
+        if not running:
+            return
+        now = time.monotonic()
+        oldest = min(running, key=lambda w: w.started)
+        self._log.info(
+            f"{len(running)} dispatch(es) still running; longest: {oldest.ticket_id} "
+            f"after {now - oldest.started:.0f}s"
+        )
+        self._progress_entry = self._schedule(now + PROGRESS_EVERY_S, self._progress, None)
 
     def _unwatch_leader(self, w: _Watch) -> None:
         if w.token:
