@@ -87,14 +87,13 @@ sanitize: $(BUILD)/test_reaper_san $(BUILD)/test_reaper_san_scan $(BUILD)/keeper
 #                   stderr: hence --capture=sys (the test process's stderr is
 #                   not swallowed by pytest when a report ends it) and the
 #                   search of the run's output for "runtime error:"
-# Not run here: test_unkillable.py (its children replace LD_PRELOAD, which the
-# ASan build cannot run without), test_logs.py (no C), test_bench_smoke.py
-# (skipped when a backend is forced).
+# Not run here: test_logs.py (no C), test_bench_smoke.py (skipped when a
+# backend is forced).
 PY_SAN := build/asan
 PY_SAN_TESTS ?= tests/test_native_core.py tests/test_behaviour.py tests/test_monitor.py \
 	tests/test_faults.py tests/test_tracking.py tests/test_tree_shapes.py tests/test_spawn.py \
 	tests/test_keeper_exec.py tests/test_pid_reuse.py tests/test_aio.py tests/test_cli.py \
-	tests/test_bad_input.py tests/test_defects.py tests/test_compat.py
+	tests/test_bad_input.py tests/test_defects.py tests/test_compat.py tests/test_unkillable.py
 PY_SAN_LOG := $(CURDIR)/$(PY_SAN)/report/san
 PY_SAN_ENV = LD_PRELOAD="$(PY_SAN_RT)" PYTHONPATH=$(CURDIR)/$(PY_SAN)/lib \
 	RALPH_REAPER_BACKEND=native \

@@ -78,6 +78,11 @@ def _reaped(pid: int) -> bool:
     return got == pid
 
 
+def _preload(shim: str) -> str:
+    """The shim after whatever is preloaded already (a sanitizer runtime must stay first)."""
+    return " ".join(filter(None, [os.environ.get("LD_PRELOAD", ""), shim]))
+
+
 def _comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
@@ -100,7 +105,7 @@ b.wait()
 time.sleep(0.2)
 print(a.pid, a.poll(), b.returncode, flush=True)
 """
-    env = {**os.environ, "LD_PRELOAD": shim}
+    env = {**os.environ, "LD_PRELOAD": _preload(shim)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -148,7 +153,7 @@ def test_host_gives_up_and_names_the_survivor(
     backend: str, how: str, shim: str, stuck: str, survivors: list[int], tmp_path: Path
 ) -> None:
     out = tmp_path / "stuck.pid"
-    env = {**os.environ, "LD_PRELOAD": shim, "RALPH_REAPER_BACKEND": backend}
+    env = {**os.environ, "LD_PRELOAD": _preload(shim), "RALPH_REAPER_BACKEND": backend}
     # Files, not pipes: a crash must not leave the test reading a pipe that
     # the tree still holds open.
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
@@ -193,7 +198,7 @@ def test_keeper_gives_up_and_says_so(
     else:
         script = f"trap '' TERM; {stuck} 300 & echo $! > {pidfile}; exec sleep 300"
     report_r, report_w = os.pipe()
-    env = {**os.environ, "LD_PRELOAD": shim}
+    env = {**os.environ, "LD_PRELOAD": _preload(shim)}
     keeper = subprocess.Popen(
         [KEEPER, "--report-fd", str(report_w), "--grace-ms", "100", "--", SH, "-c", script],
         pass_fds=[report_w],
