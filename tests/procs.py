@@ -7,7 +7,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
+
+import ralph_reaper
+
+#: Where the package under test was imported from (a source tree, an installed
+#: wheel, a sanitizer build): child Pythons get it first on their path, so
+#: that they run the same build as the test process.
+PACKAGE_ROOT = str(Path(ralph_reaper.__file__).resolve().parent.parent)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that imports the package under test."""
+    path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def _stat(pid: int) -> Optional[tuple[str, int, int]]:

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,8 +27,6 @@ from ralph_reaper import (
     poll_dispatch_status,
     wait_for_dispatch_completion,
 )
-
-SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 #: (bad pid, the exception poll_dispatch_status and graceful_terminate_dispatch raise)
 BAD_PIDS: list[tuple[Any, type[Exception]]] = [
@@ -181,7 +178,9 @@ def test_wait_on_its_own_pid_is_an_error_result(backend: str, canaries: Canaries
 
 
 @pytest.mark.parametrize("value, exc", BAD_MS, ids=BAD_MS_IDS)
-@pytest.mark.parametrize("name", ["timeout_ms", "poll_interval_ms", "graceful_shutdown_ms"])
+@pytest.mark.parametrize(
+    "name", ["timeout_ms", "poll_interval_ms", "graceful_shutdown_ms", "eof_wait_ms"]
+)
 def test_wait_rejects_bad_durations(
     backend: str, canaries: Canaries, name: str, value: Any, exc: type
 ) -> None:
@@ -249,7 +248,7 @@ def test_never_stops_the_callers_own_session_or_group(
     must be refused (an exception, or an ERROR result from the wait), and the
     shell must survive, print ``survived`` and exit 0.
     """
-    env = dict(os.environ, PYTHONPATH=SRC, RALPH_REAPER_BACKEND=backend)
+    env = procs.child_env(RALPH_REAPER_BACKEND=backend)
     proc = subprocess.Popen(
         [
             "/bin/sh",

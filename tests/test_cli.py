@@ -101,12 +101,13 @@ def test_run_exit_file_is_written_whole(backend: str, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["exit.json"]
 
 
+@pytest.mark.parametrize("option", ["--timeout", "--grace", "--eof-wait"])
 @pytest.mark.parametrize("bad", ["abc", "-1s", "1x", ""])
 def test_run_rejects_a_bad_duration_and_starts_nothing(
-    backend: str, bad: str, tmp_path: Path
+    backend: str, option: str, bad: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "started"
-    done = run_cli(backend, "run", f"--timeout={bad}", "--", "touch", str(marker))
+    done = run_cli(backend, "run", f"{option}={bad}", "--", "touch", str(marker))
     assert done.returncode == 2
     assert "invalid duration" in done.stderr
     assert not marker.exists()
@@ -186,3 +187,44 @@ def test_watch_reports_exits_of_processes_it_did_not_start(backend: str) -> None
     assert watcher.returncode == 0
     lines = watcher.stdout.splitlines()
     assert sorted(line.split(":")[0] for line in lines) == sorted([str(first.pid), str(second.pid)])
+
+
+RUN = [sys.executable, "-m", "ralph_reaper", "run"]
+EOF_CMD = ["sh", "-c", "cat >/dev/null; echo got-eof >&2; exit 3"]
+
+
+def test_run_eof_wait_begins_the_stop_with_eof(backend: str) -> None:
+    # The runner's stdin stays open (we hold the write end): only the stop's
+    # EOF stage can end the command's read.
+    stdin_r, stdin_w = os.pipe()
+    try:
+        done = subprocess.run(
+            [*RUN, "--json", "--timeout", "300ms", "--eof-wait", "30s", "--", *EOF_CMD],
+            env=_env(backend),
+            stdin=stdin_r,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(stdin_r)
+        os.close(stdin_w)
+    assert done.returncode == 124, done.stderr
+    assert "got-eof" in done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["status"] == "timeout" and record["termination_method"] == "eof"
+    assert record["return_code"] == 3 and record["signal"] is None
+    assert set(record["stage_ms"]) == {"eof"}
+
+
+def test_run_eof_wait_forwards_stdin_and_its_eof(backend: str) -> None:
+    done = subprocess.run(
+        [*RUN, "--eof-wait", "5s", "--", "sh", "-c", "cat; exit 4"],
+        env=_env(backend),
+        input="hello\nworld\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 4, done.stderr
+    assert done.stdout == "hello\nworld\n"

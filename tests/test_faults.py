@@ -48,9 +48,8 @@ def _assert_code_or_unknown(backend: str, result: object, code: int) -> None:
 
 
 def _run_python(code: str, backend: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a child Python (argv[1] = backend) that imports this checkout."""
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    """Run ``code`` in a child Python (argv[1] = backend) that imports the package under test."""
+    env = procs.child_env()
     return subprocess.run(
         [sys.executable, "-c", code, backend], capture_output=True, text=True, env=env, timeout=60
     )

@@ -7,15 +7,13 @@ a PID namespace is not permitted (it needs CAP_SYS_ADMIN).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+import procs
 
 # Runs as pid 1 of the new namespace; argv[1] is the backend to use.
 SCRIPT = r"""
@@ -89,7 +87,7 @@ def test_recycled_pid_is_never_signalled_nor_misreported(backend: str) -> None:
     problem = _unshare_problem()
     if problem:
         pytest.skip(problem)
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = procs.child_env()
     done = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SCRIPT, backend],
         capture_output=True,

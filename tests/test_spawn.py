@@ -103,6 +103,19 @@ def test_eof_not_enough_escalates_to_sigterm(backend: str) -> None:
     assert (ok, method) == (True, "sigterm")
 
 
+@pytest.mark.parametrize("eof_wait_ms, method", [(HOUR_MS, "eof"), (0, "sigterm")])
+def test_wait_timeout_begins_with_eof_unless_told_not_to(
+    backend: str, eof_wait_ms: float, method: str
+) -> None:
+    dispatch = spawn_sh("read line; exit 0", stdin="pipe")
+    result = wait_for_dispatch_completion(
+        dispatch, "pt-1", timeout_ms=100, graceful_shutdown_ms=HOUR_MS, eof_wait_ms=eof_wait_ms
+    )
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert result.termination_method == method
+    assert ("eof" in result.stage_ms) is (method == "eof")
+
+
 def test_stdout_to_a_file(backend: str, tmp_path: Path) -> None:
     out = tmp_path / "out.log"
     dispatch = spawn_sh("echo hello; echo oops >&2", stdin="devnull", stdout=out, stderr="devnull")

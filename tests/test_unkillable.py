@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
+import procs
 from procs import alive, wait_until
 from ralph_reaper.keeper_path import keeper_path
 
 HERE = Path(__file__).resolve().parent
-SRC = str(HERE.parent / "src")
 SHIM_SOURCE = HERE / "unkillable_preload.c"
 NAME = "rr-unkillable"
 SH = shutil.which("sh") or "/bin/sh"
@@ -116,8 +116,7 @@ print(a.pid, a.poll(), b.returncode, flush=True)
 
 
 _HOST = """
-import json, os, subprocess, sys
-sys.path.insert(0, {src!r})
+import json, os, subprocess, sys, time
 from ralph_reaper import (
     DispatchResult, backend_info, graceful_terminate_dispatch, spawn_dispatch,
     wait_for_dispatch_completion,
@@ -130,18 +129,18 @@ else:
     proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     dispatch = DispatchResult("s-1", "t-1", "running", proc.pid)
 while not (os.path.exists(out) and open(out).read().endswith("\\n")):
-    pass
+    time.sleep(0.001)
 if how == "terminate":
     ok, method = graceful_terminate_dispatch(dispatch.pid, kill_wait_ms=100)
-    result = {{"ok": ok, "method": method}}
+    result = {"ok": ok, "method": method}
 else:
     r = wait_for_dispatch_completion(
         dispatch, "t-1", timeout_ms=100, graceful_shutdown_ms=100
     )
-    result = {{
+    result = {
         "status": r.status.value, "method": r.termination_method, "error": r.error,
         "containment": r.containment, "timed_out": r.timed_out,
-    }}
+    }
 result["backend"] = backend_info()["backend"]
 print(json.dumps(result), flush=True)
 """
@@ -153,13 +152,13 @@ def test_host_gives_up_and_names_the_survivor(
     backend: str, how: str, shim: str, stuck: str, survivors: list[int], tmp_path: Path
 ) -> None:
     out = tmp_path / "stuck.pid"
-    env = {**os.environ, "LD_PRELOAD": _preload(shim), "RALPH_REAPER_BACKEND": backend}
+    env = procs.child_env(LD_PRELOAD=_preload(shim), RALPH_REAPER_BACKEND=backend)
     # Files, not pipes: a crash must not leave the test reading a pipe that
     # the tree still holds open.
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with stdout.open("w") as o, stderr.open("w") as e:
         code = subprocess.call(
-            [sys.executable, "-c", _HOST.format(src=SRC), stuck, how, str(out)],
+            [sys.executable, "-c", _HOST, stuck, how, str(out)],
             env=env,
             stdout=o,
             stderr=e,

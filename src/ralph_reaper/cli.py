@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -27,6 +28,7 @@ from . import __version__
 from .backends import BackendUnavailableError, backend_info
 from .backends import get as get_backend
 from .completion import terminate, wait_for_dispatch_completion
+from .dispatches import REGISTRY, Dispatch
 from .logs import resolve_logger
 from .pins import Pin
 from .results import DispatchCompletionResult, DispatchCompletionStatus, DispatchResult
@@ -134,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dispatch = spawn_dispatch(
             argv,
             ticket_id=args.ticket,
-            stdin="inherit",
+            stdin="pipe" if args.eof_wait > 0 else "inherit",
             grace_ms=args.grace * 1000.0,
             die_with_parent=True,
         )
@@ -146,6 +148,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             if error.startswith("cannot execute"):
                 return EXIT_NOT_EXECUTABLE
             return EXIT_LAUNCHER
+        spawned = REGISTRY.get(dispatch.pid)
+        if args.eof_wait > 0 and spawned is not None and spawned.stdin_fd is not None:
+            os.set_blocking(spawned.stdin_fd, False)
+            threading.Thread(
+                target=_forward_stdin, args=(spawned,), name="ralph-reaper-stdin", daemon=True
+            ).start()
         interrupted, result = _wait_or_interrupt(args, dispatch, handled, pending)
         swept = stop_orphans(args.grace, resolve_logger(None))
         result.descendants_killed += swept.descendants_killed
@@ -168,6 +176,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _exit_status(result)
 
 
+def _forward_stdin(dispatch: Dispatch) -> None:
+    """Copy this process's stdin to the command's stdin pipe, and pass its EOF on.
+
+    The pipe (rather than the inherited fd) is what lets a stop begin with
+    EOF; forwarding keeps ``run`` transparent for input all the same. A
+    daemon thread: a read of a terminal that never ends must not keep the
+    process alive.
+    """
+    while True:
+        try:
+            data = os.read(0, 65536)
+        except OSError:  # no stdin at all: as good as an empty one
+            data = b""
+        if not data:
+            dispatch.send_eof()
+            return
+        view = memoryview(data)
+        while view:
+            written = dispatch.feed_stdin(view)
+            if written < 0:  # closed: the command ended, or a stop began with EOF
+                return
+            if written == 0:
+                dispatch.wait_writable(1.0)
+            view = view[written:]
+
+
 def _wait_or_interrupt(
     args: argparse.Namespace,
     dispatch: DispatchResult,
@@ -186,12 +220,16 @@ def _wait_or_interrupt(
             args.ticket,
             timeout_ms=args.timeout * 1000.0,
             graceful_shutdown_ms=args.grace * 1000.0,
+            eof_wait_ms=args.eof_wait * 1000.0,
         )
     except _Interrupted as exc:
         for sig in handled:  # a second ^C must not abandon the stop half-way
             signal.signal(sig, signal.SIG_IGN)
         outcome = terminate(
-            dispatch.pid, session_id=dispatch.session_id, kill_wait_ms=args.grace * 1000.0
+            dispatch.pid,
+            session_id=dispatch.session_id,
+            kill_wait_ms=args.grace * 1000.0,
+            eof_wait_ms=args.eof_wait * 1000.0,
         )
         result = DispatchCompletionResult(
             ticket_id=args.ticket,
@@ -326,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="D",
         help="time between SIGTERM and SIGKILL (default 5s)",
+    )
+    run.add_argument(
+        "--eof-wait",
+        type=parse_duration,
+        default=0.0,
+        metavar="D",
+        help="begin a stop with EOF on CMD's stdin and wait up to D before SIGTERM; "
+        "CMD's stdin is then a pipe fed from this one (default 0: no EOF stage, "
+        "CMD inherits stdin)",
     )
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     run.add_argument("--exit-file", metavar="P", help="also write the JSON result to P atomically")

@@ -175,6 +175,7 @@ def wait_for_dispatch_completion(
     *,
     stop_leftovers: bool = True,
     idle_timeout_ms: float = 0.0,
+    eof_wait_ms: float = DEFAULT_EOF_WAIT_MS,
 ) -> DispatchCompletionResult:
     """Wait for a dispatch to end; stop it (whole tree) when ``timeout_ms`` passes.
 
@@ -185,13 +186,16 @@ def wait_for_dispatch_completion(
     ``descendants_killed``. With ``idle_timeout_ms`` a dispatch that sits
     blocked on its stdin, using no CPU, for that long is stopped as idle
     (EOF first where the package holds its stdin). Dispatches started by
-    :func:`spawn_dispatch` bring their own timeout and idle timeout.
+    :func:`spawn_dispatch` bring their own timeout and idle timeout; for them
+    a stop begins with EOF on their stdin and waits up to ``eof_wait_ms``
+    before SIGTERM (0 skips the EOF stage).
     """
     started = time.monotonic()
     timeout_s = check_ms("timeout_ms", timeout_ms) / 1000.0
     step_s = min(check_ms("poll_interval_ms", poll_interval_ms) / 1000.0, MAX_STEP_S)
     grace_ms = check_ms("graceful_shutdown_ms", graceful_shutdown_ms)
     idle_s = check_ms("idle_timeout_ms", idle_timeout_ms) / 1000.0
+    check_ms("eof_wait_ms", eof_wait_ms)
     log = resolve_logger(logger)
     session_id = getattr(dispatch_result, "session_id", "") or ""
     pid_value = getattr(dispatch_result, "pid", None)
@@ -286,7 +290,12 @@ def wait_for_dispatch_completion(
             f"Dispatch of {ticket_id} timed out after {timeout_s * 1000.0:.0f}ms; stopping it"
         )
     outcome = terminate(
-        pid, session_id=session_id, logger=log, kill_wait_ms=grace_ms, leader=leader
+        pid,
+        session_id=session_id,
+        logger=log,
+        kill_wait_ms=grace_ms,
+        eof_wait_ms=eof_wait_ms,
+        leader=leader,
     )
     if outcome.method == "not_running":  # it exited on its own just as time ran out
         return finish(_ended(base, outcome, outcome.leader_status, pid))

@@ -13,11 +13,12 @@ import contextlib
 import errno
 import json
 import os
+import select
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 EOT = b"\x04"  # ^D: end of input for a terminal in canonical mode
 
@@ -66,6 +67,38 @@ class Dispatch:
             self.stdin_fd = None
         os.close(fd)
         return True
+
+    def feed_stdin(self, data: Union[bytes, memoryview]) -> int:
+        """Write what fits of ``data`` to the command's stdin; -1 once it is closed.
+
+        For a forwarder thread: the write happens under the lock that
+        :meth:`send_eof` takes, so it can never land on a closed (and reused)
+        fd number; with the fd non-blocking it never holds that lock long, so
+        the EOF stage of a stop is never held up by a command that stopped
+        reading. 0 means "full": wait with :meth:`wait_writable` and retry.
+        """
+        with self._lock:
+            fd = self.stdin_fd
+            if fd is None:
+                return -1
+            try:
+                return os.write(fd, data)
+            except BlockingIOError:
+                return 0
+            except OSError:  # EPIPE: the command closed its end
+                return -1
+
+    def wait_writable(self, timeout_s: float) -> None:
+        """Until the stdin pipe has room, it is closed, or ``timeout_s`` passes."""
+        with self._lock:
+            fd = self.stdin_fd
+            if fd is None:
+                return
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+        # Polled outside the lock: if the fd is closed (and its number reused)
+        # meanwhile, this only wakes early or late; feed_stdin checks again.
+        poller.poll(timeout_s * 1000.0)
 
     def request_stop(self, grace_ms: float) -> bool:
         """Ask the keeper to run its stop sequence; False if it cannot be asked."""
