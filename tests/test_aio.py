@@ -26,6 +26,7 @@ from ralph_reaper import (
     DispatchCompletionStatus,
     aio,
     graceful_terminate_dispatch,
+    spawn_dispatch,
 )
 
 HOUR_MS = 3_600_000.0
@@ -119,6 +120,22 @@ def test_wait_bad_input(backend: str) -> None:
         assert result.error
     with pytest.raises(ValueError):
         asyncio.run(aio.wait_for_dispatch_completion(dispatch(12345), "pt-1", timeout_ms=-5))
+    with pytest.raises(ValueError):
+        asyncio.run(aio.wait_for_dispatch_completion(dispatch(12345), "pt-1", eof_wait_ms=-1))
+
+
+@pytest.mark.parametrize("eof_wait_ms, method", [(HOUR_MS, "eof"), (0, "sigterm")])
+def test_wait_timeout_begins_with_eof_unless_told_not_to(
+    backend: str, eof_wait_ms: float, method: str
+) -> None:
+    spawned = spawn_dispatch(["sh", "-c", "read line; exit 0"], ticket_id="pt-1", stdin="pipe")
+    result = asyncio.run(
+        aio.wait_for_dispatch_completion(
+            spawned, "pt-1", timeout_ms=100, graceful_shutdown_ms=HOUR_MS, eof_wait_ms=eof_wait_ms
+        )
+    )
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert result.termination_method == method
 
 
 def test_wait_many_concurrently(backend: str, kids: Kids) -> None:

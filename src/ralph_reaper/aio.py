@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 
 from .backends import get as get_backend
 from .backends.base import Backend
-from .completion import PROGRESS_EVERY_S, _ended, stopped_result
+from .completion import DEFAULT_EOF_WAIT_MS, PROGRESS_EVERY_S, _ended, stopped_result
 from .completion import terminate as _blocking_terminate
 from .logs import LogSink, resolve_logger
 from .monitor import (
@@ -64,6 +64,7 @@ async def wait_for_dispatch_completion(
     *,
     stop_leftovers: bool = True,
     idle_timeout_ms: float = 0.0,
+    eof_wait_ms: float = DEFAULT_EOF_WAIT_MS,
 ) -> DispatchCompletionResult:
     """Await the end of a dispatch; stop it (whole tree) when ``timeout_ms`` passes.
 
@@ -72,6 +73,7 @@ async def wait_for_dispatch_completion(
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     step_cap = min(check_ms("poll_interval_ms", poll_interval_ms) / 1000.0, MAX_STEP_S)
+    eof_wait_ms = check_ms("eof_wait_ms", eof_wait_ms)
     log = resolve_logger(logger)
     backend = get_backend()
     prepared = _prepare(
@@ -118,6 +120,7 @@ async def wait_for_dispatch_completion(
                     session_id=w.session_id or None,
                     logger=log,
                     kill_wait_ms=w.grace_s * 1000.0,
+                    eof_wait_ms=eof_wait_ms,
                     leader=leader,
                 ),
             )
