@@ -1,4 +1,5 @@
-"""A recycled pid is never signalled nor misreported.
+"""A recycled pid is never signalled nor misreported, and the pid of an
+ancestor that exited, once recycled, is no longer protected as an ancestor.
 
 Each case runs inside a new PID namespace whose pid_max is 400 (``unshare``),
 where pids come round again after a few hundred forks. Skipped where creating
@@ -68,6 +69,36 @@ with using(sys.argv[1]) as backend:
     pin.close()
     fourth.kill()
     fourth.wait()
+
+    # 3. An ancestor that exited: its pid, recycled, is a process like any other.
+    from ralph_reaper import graceful_terminate_dispatch
+    from ralph_reaper.validation import ancestry
+    ready_r, ready_w = os.pipe()
+    result_r, result_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        if os.fork() == 0:  # the host: it sees its ancestry, then outlives its parent
+            parent = os.getppid()
+            assert parent in ancestry()
+            os.write(ready_w, b"x")
+            while os.getppid() == parent:
+                time.sleep(0.001)
+            victim = recycle(parent)
+            try:
+                ok, method = graceful_terminate_dispatch(victim.pid, kill_wait_ms=5000)
+                message = f"{ok} {method}"
+            except Exception as exc:
+                message = repr(exc)
+            victim.kill()  # a no-op once stopped; the cleanup when the test fails
+            victim.returncode = -1  # reaped by the package (or below, by init)
+            os.write(result_w, message.encode())
+            os._exit(0)
+        os.read(ready_r, 1)
+        os._exit(0)
+    os.waitpid(middle, 0)
+    message = os.read(result_r, 500).decode()
+    assert message == "True sigterm", "a recycled ancestor pid was refused: " + message
+    os.wait()  # the host, reparented to us (pid 1 here)
 print("ok")
 """
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 from .backends.base import Backend
 from .pins import Pin
-from .validation import ancestry
+from .validation import is_ancestor
 
 CONTAINMENTS = ("session", "pid")
 
@@ -45,7 +45,6 @@ class Members:
         self.containment = containment
         self.extra_roots = list(extra_roots)
         self.pins: dict[int, Pin] = {} if leader is None else {leader.pid: leader}
-        self._protected = ancestry()
         own_session = os.getsid(0)
         if leader is not None:
             st = backend.proc_stat(leader.pid)
@@ -64,7 +63,7 @@ class Members:
             found.extend(self.backend.session_members(self.session))
         added = 0
         for pid in found:
-            if pid in self.pins or pid in self._protected:
+            if pid in self.pins or is_ancestor(pid):
                 continue
             st = self.backend.proc_stat(pid)
             if st is None:

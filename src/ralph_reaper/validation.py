@@ -29,19 +29,9 @@ def check_pid(pid: object) -> int:
 _ancestry: tuple[int, frozenset[int]] = (0, frozenset())
 
 
-def ancestry() -> frozenset[int]:
-    """This process and its ancestors (0 and 1 included): never to be stopped.
-
-    Computed once per process: ancestors can only go away (an orphan is
-    reparented to an ancestor or init), so the first answer stays a safe
-    superset; at worst a recycled pid of a dead ancestor is refused.
-    """
-    global _ancestry
-    me = os.getpid()
-    if _ancestry[0] == me:
-        return _ancestry[1]
+def _walk_ancestry() -> frozenset[int]:
     out = {0, 1}
-    pid = me
+    pid = os.getpid()
     while pid > 1 and pid not in out:
         out.add(pid)
         try:
@@ -50,8 +40,36 @@ def ancestry() -> frozenset[int]:
             pid = int(data[data.rfind(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             break
-    _ancestry = (me, frozenset(out))
+    return frozenset(out)
+
+
+def ancestry() -> frozenset[int]:
+    """This process and its ancestors (0 and 1 included), as last seen.
+
+    A superset of the live ancestry: ancestors can only go away (an orphan is
+    reparented to an ancestor or to init), never appear. It can hold a dead
+    ancestor's pid, since reused by an unrelated process: ask
+    :func:`is_ancestor`, which checks again before it says yes.
+    """
+    global _ancestry
+    me = os.getpid()
+    if _ancestry[0] != me:
+        _ancestry = (me, _walk_ancestry())
     return _ancestry[1]
+
+
+def is_ancestor(pid: int) -> bool:
+    """True if ``pid`` is this process, an ancestor of it, 0 or 1, right now.
+
+    The cached answer is only a filter: a hit is checked against a fresh walk
+    of /proc, so that a long-running host whose parent (or grandparent) has
+    exited still stops a dispatch that happens to get that recycled pid.
+    """
+    global _ancestry
+    if pid not in ancestry():
+        return False
+    _ancestry = (os.getpid(), _walk_ancestry())
+    return pid in _ancestry[1]
 
 
 def check_signal_target(pid: object) -> int:
@@ -65,7 +83,7 @@ def check_signal_target(pid: object) -> int:
         raise ValueError(f"refusing to stop pid {value}: it is this process")
     if value in (os.getpgid(0), os.getsid(0)):
         raise ValueError(f"refusing to stop pid {value}: it leads this process's group or session")
-    if value in ancestry():
+    if is_ancestor(value):
         raise ValueError(f"refusing to stop pid {value}: it is an ancestor of this process")
     return value
 
