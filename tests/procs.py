@@ -24,25 +24,28 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def _stat(pid: int) -> Optional[tuple[str, int, int]]:
-    """(state, ppid, session) of pid, or None when it is gone."""
+def _fields(pid: int) -> Optional[list[bytes]]:
+    """The fields of /proc/<pid>/stat after the command name, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rfind(b")") + 2 :].split()
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def _stat(pid: int) -> Optional[tuple[str, int, int]]:
+    """(state, ppid, session) of pid, or None when it is gone."""
+    fields = _fields(pid)
+    if fields is None:
+        return None
     return fields[0].decode(), int(fields[1]), int(fields[3])
 
 
 def starttime(pid: int) -> Optional[int]:
     """Start time of pid (clock ticks after boot), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rfind(b")") + 2 :].split()[19])
+    fields = _fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def alive(pid: int) -> bool:

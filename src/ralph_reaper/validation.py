@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 
+from .backends.procfs import proc_stat
+
 #: PID_MAX_LIMIT on 64-bit Linux; no pid can be larger.
 PID_LIMIT = 4 * 1024 * 1024
 
@@ -35,11 +37,12 @@ def _walk_ancestry() -> frozenset[int]:
     while pid > 1 and pid not in out:
         out.add(pid)
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-            pid = int(data[data.rfind(b")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
+            st = proc_stat(pid)
+        except OSError:  # cannot read /proc now: what was found is still a superset
             break
+        if st is None:
+            break
+        pid = st.ppid
     return frozenset(out)
 
 
