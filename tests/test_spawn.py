@@ -136,7 +136,10 @@ def test_spawn_timeout_applies_without_a_wait_timeout(backend: str) -> None:
 def test_idle_at_a_prompt_gets_eof(backend: str) -> None:
     dispatch = spawn_sh("read answer; exit 3", stdin="pipe", idle_timeout_ms=300)
     result = wait_for_dispatch_completion(dispatch, "pt-1", graceful_shutdown_ms=HOUR_MS)
-    assert result.status is DispatchCompletionStatus.TIMEOUT
+    # The session exit is authoritative: it ended by itself on EOF, with code 3.
+    assert result.status is DispatchCompletionStatus.ERROR
+    assert result.error == "Process exited with code 3"
+    assert result.timed_out is False
     assert result.stop_reason == "idle"
     assert result.termination_method == "eof"
     assert result.return_code == 3

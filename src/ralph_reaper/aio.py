@@ -2,54 +2,41 @@
 
 :func:`wait_for_dispatch_completion` is the coroutine twin of
 :func:`ralph_reaper.wait_for_dispatch_completion`: same parameters, same
-results. It uses no thread while it waits: the leader's pidfd is handed to the
-event loop with ``loop.add_reader``, so the task wakes on the exit itself.
-Without pidfds (polling backend, or a pin degraded after EMFILE) it checks
-with ``asyncio.sleep`` and a backoff from 0.1 ms doubling to 50 ms (capped
-by ``poll_interval_ms``).
-
-What happens *after* the wait may block (stopping the tree on a timeout,
-stopping leftovers of the leader's session, scanning ``/proc``), so it runs
-in the loop's default executor with the package's ordinary stop sequence
-(``loop.run_in_executor``): one executor thread per stop in progress, none
-while waiting. For many dispatches at once, :class:`AsyncDispatchMonitor`
-runs every stop on the single monitor thread instead.
+results, because it drives the same objects: the prepared
+:class:`~ralph_reaper.watches.Watch` while the leader runs, the
+:class:`~ralph_reaper.engine.Stop` of a timeout, idle stop or leftovers, and
+:func:`~ralph_reaper.ending.finish` for the result. It uses no thread while
+it waits: pidfds are handed to the event loop with ``loop.add_reader``, so
+the task wakes on an exit itself. Without pidfds (polling backend, or a pin
+degraded after EMFILE) it checks with ``asyncio.sleep`` and a backoff from
+0.1 ms doubling to 50 ms (capped by ``poll_interval_ms``). Reading ``/proc``
+to find what an exited leader left in its session runs in the loop's default
+executor.
 
 Cancelling a task that awaits :func:`wait_for_dispatch_completion` while it
 waits removes the reader and closes the pidfd: nothing is signalled and no fd
-is left. Cancelled once the stop has begun, the stop still runs to its end in
-its executor thread (and closes its own fds).
+is left. Cancelled once a stop has begun, the stop still runs to its end in
+the loop (and closes its own fds). For many dispatches at once,
+:class:`AsyncDispatchMonitor` runs everything on the single monitor thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import functools
 import time
-import weakref
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-from .backends import get as get_backend
-from .backends.base import Backend
-from .completion import DEFAULT_EOF_WAIT_MS, PROGRESS_EVERY_S, _ended, stopped_result
-from .completion import terminate as _blocking_terminate
-from .logs import LogSink, resolve_logger
-from .monitor import (
-    DispatchMonitor,
-    _idle_sample_s,
-    _leader_status,
-    _limit,
-    _natural_end,
-    _prepare,
-    _sessions_in_use,
-    _stop_leftovers,
-    _Watch,
-)
+from .ending import finish, stop_for, sweep_for
+from .engine import ONGOING, Stop, StopOutcome, not_running
+from .logs import resolve_logger
+from .monitor import DispatchMonitor
+from .pins import Pin
 from .results import DispatchCompletionResult
-from .stopping import StopOutcome
 from .validation import check_ms
 from .waiting import FIRST_STEP_S, MAX_STEP_S
+from .watches import DEFAULT_EOF_WAIT_MS, Watch, prepare
 
 __all__ = ["AsyncDispatchMonitor", "wait_for_dispatch_completion"]
 
@@ -71,199 +58,125 @@ async def wait_for_dispatch_completion(
     Same parameters and results as :func:`ralph_reaper.wait_for_dispatch_completion`.
     """
     started = time.monotonic()
-    loop = asyncio.get_running_loop()
     step_cap = min(check_ms("poll_interval_ms", poll_interval_ms) / 1000.0, MAX_STEP_S)
-    eof_wait_ms = check_ms("eof_wait_ms", eof_wait_ms)
-    log = resolve_logger(logger)
-    backend = get_backend()
-    prepared = _prepare(
-        backend,
-        log,
+    prepared = prepare(
         dispatch_result,
         ticket_id,
-        timeout_ms,
-        graceful_shutdown_ms,
-        idle_timeout_ms,
-        stop_leftovers,
-        started,
+        log=resolve_logger(logger),
+        timeout_ms=timeout_ms,
+        graceful_shutdown_ms=graceful_shutdown_ms,
+        idle_timeout_ms=idle_timeout_ms,
+        eof_wait_ms=eof_wait_ms,
+        stop_leftovers=stop_leftovers,
+        started=started,
     )
     if isinstance(prepared, DispatchCompletionResult):
         return prepared
     w = prepared
-    owned = w.leader  # closed here unless a stop in the executor took it over
     try:
-        if w.leader is not None:
-            log.info(f"Waiting for dispatch of {ticket_id} (pid {w.pid})")
-            reason = await _wait_leader(loop, w, step_cap, log)
-        else:
-            reason = None
-        base = w.base()
-        if reason is None:
-            owned = None
-            result = await _natural(loop, backend, w, log)
-        else:
-            if reason == "idle":
-                log.warning(
-                    f"Dispatch of {ticket_id} idle for {w.idle_s * 1000.0:.0f}ms; stopping it"
-                )
-            else:
-                log.warning(
-                    f"Dispatch of {ticket_id} timed out after {w.limit_s * 1000.0:.0f}ms; "
-                    "stopping it"
-                )
-            leader, owned = w.leader, None
-            outcome = await loop.run_in_executor(
-                None,
-                functools.partial(
-                    _blocking_terminate,
-                    w.pid,
-                    session_id=w.session_id or None,
-                    logger=log,
-                    kill_wait_ms=w.grace_s * 1000.0,
-                    eof_wait_ms=eof_wait_ms,
-                    leader=leader,
-                ),
-            )
-            result = _stopped_or_ended(base, outcome, reason, w)
+        return await _run_watch(w, step_cap)
     finally:
-        if owned is not None:
-            owned.close()
-    result.duration_ms = (time.monotonic() - started) * 1000.0
-    return result
+        if w.leader is not None:  # cancelled while waiting
+            w.leader.close()
+            w.leader = None
 
 
-async def _natural(
-    loop: asyncio.AbstractEventLoop, backend: Backend, w: _Watch, log: LogSink
-) -> DispatchCompletionResult:
-    """The leader exited: reap it, then stop what it left in its session, if anything."""
-    status = _leader_status(w)  # reaped first, so that the session scan does not see it
-    w.known, w.leader = status, None
-    outcome = StopOutcome(True, "not_running")
-    if w.sid is not None and w.stop_leftovers and await _sweeper(loop, backend).busy(w.sid):
-        outcome = await loop.run_in_executor(
-            None, functools.partial(_stop_leftovers, backend, w.sid, w.grace_s, log)
-        )
-    result = _natural_end(w, outcome)
-    log.info(f"Dispatch of {w.ticket_id} ended: {result.status.value} ({result.return_code})")
-    return result
+async def _run_watch(w: Watch, step_cap: float) -> DispatchCompletionResult:
+    loop = asyncio.get_running_loop()
+    if w.leader is not None:
+        w.log.info(f"Waiting for dispatch of {w.ticket_id} (pid {w.pid})")
+        reason = await _wait_leader(w, step_cap)
+        stop = None if reason is None else stop_for(w, reason)
+        if stop is not None:
+            return finish(w, await _drive_registered(stop, reason or "terminate", step_cap))
+        ongoing = ONGOING.get(w.leader)
+        if ongoing is not None:  # another call is stopping it: report that stop
+            w.reason, future = ongoing
+            other: StopOutcome = await asyncio.wrap_future(future)
+            return finish(w, other)
+    sweep = await loop.run_in_executor(None, sweep_for, w)
+    outcome = None if sweep is None else await drive(sweep, step_cap)
+    return finish(w, not_running(outcome))
 
 
-class _Sweeper:
-    """Batches the "is anything left in this session?" scans of one event loop.
-
-    Every exit noticed in one turn of the loop is checked by one pass over
-    ``/proc`` in the default executor, so N simultaneous exits cost one scan.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, backend: Backend) -> None:
-        self.loop = loop
-        self.backend = backend
-        self.pending: dict[int, list[asyncio.Future[bool]]] = {}
-
-    def busy(self, sid: int) -> asyncio.Future[bool]:
-        future: asyncio.Future[bool] = self.loop.create_future()
-        if not self.pending:
-            self.loop.call_soon(self._scan)
-        self.pending.setdefault(sid, []).append(future)
-        return future
-
-    def _scan(self) -> None:
-        batch, self.pending = self.pending, {}
-        job = self.loop.run_in_executor(None, _sessions_in_use, self.backend, set(batch))
-
-        def answer(done: asyncio.Future[set[int]]) -> None:
-            error = None if done.cancelled() else done.exception()
-            found = set(batch) if done.cancelled() or error is not None else done.result()
-            for sid, futures in batch.items():
-                for future in futures:
-                    if not future.done():
-                        future.set_result(sid in found)
-
-        job.add_done_callback(answer)
-
-
-_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _sweeper(loop: asyncio.AbstractEventLoop, backend: Backend) -> _Sweeper:
-    try:
-        sweeper = _sweepers.get(loop)
-        if sweeper is None or sweeper.backend is not backend:
-            sweeper = _Sweeper(loop, backend)
-            _sweepers[loop] = sweeper
-    except TypeError:  # a loop that cannot be weakly referenced: no batching, same answers
-        sweeper = _Sweeper(loop, backend)
-    return sweeper
-
-
-def _stopped_or_ended(
-    base: dict[str, Any], outcome: StopOutcome, reason: str, w: _Watch
-) -> DispatchCompletionResult:
-    if outcome.method == "not_running":  # it exited on its own just as time ran out
-        return _ended(base, outcome, outcome.leader_status, w.pid)
-    w.reason = reason
-    return stopped_result(base, outcome, reason, _limit(w))
-
-
-async def _wait_leader(
-    loop: asyncio.AbstractEventLoop, w: _Watch, step_cap: float, log: LogSink
-) -> Optional[str]:
-    """Wait for the leader's exit (None), or say why to stop it: "timeout" or "idle"."""
+async def _wait_leader(w: Watch, step_cap: float) -> Optional[str]:
+    """Until the leader exits (None) or a limit runs out (its name)."""
     leader = w.leader
     assert leader is not None
-    deadline = w.started + w.limit_s if w.limit_s > 0 else None
-    next_progress = w.started + PROGRESS_EVERY_S
-    idle = w.idle
-    sample_s = _idle_sample_s(w.idle_s)
+    while True:
+        now = time.monotonic()
+        if await _any_exit([leader], w.wake_at(now) - now, step_cap):
+            return None
+        reason = w.due(time.monotonic())
+        if reason is not None:
+            return reason
 
-    def why(now: float) -> Optional[str]:
-        nonlocal next_progress
-        if deadline is not None and now >= deadline:
-            return "timeout"
-        if idle is not None and idle.idle_for() >= w.idle_s:
-            return "idle"
-        if now >= next_progress:
-            log.info(f"Dispatch of {w.ticket_id} still running after {now - w.started:.0f}s")
-            next_progress += PROGRESS_EVERY_S
-        return None
 
-    def wake_at(now: float) -> float:
-        wake = next_progress if deadline is None else min(deadline, next_progress)
-        if idle is not None:
-            wake = min(wake, now + sample_s)
-        return wake
+async def _any_exit(pins: Sequence[Pin], timeout_s: float, step_cap: float) -> list[Pin]:
+    """Wait until some pin has exited or ``timeout_s`` passes; return the exited.
 
-    if leader.fd < 0:
-        step = FIRST_STEP_S
-        while not leader.exited():
-            now = time.monotonic()
-            reason = why(now)
-            if reason is not None:
-                return reason
-            await asyncio.sleep(max(0.0, min(step, wake_at(now) - now)))
-            step = min(step * 2, step_cap)
-        return None
-
-    exited: asyncio.Future[None] = loop.create_future()
+    Pins with a pidfd wake the loop through ``add_reader``; the rest are
+    polled with a backoff. Exited children are reaped (statuses in the pins).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    step = FIRST_STEP_S
+    woken: asyncio.Future[None] = loop.create_future()
 
     def readable() -> None:
-        if not exited.done():
-            exited.set_result(None)
+        if not woken.done():
+            woken.set_result(None)
 
-    loop.add_reader(leader.fd, readable)
+    fds = [p.fd for p in pins if p.fd >= 0 and p.status is None]
+    for fd in fds:
+        loop.add_reader(fd, readable)
     try:
         while True:
-            now = time.monotonic()
-            done, _ = await asyncio.wait({exited}, timeout=max(0.0, wake_at(now) - now))
-            if done:
-                return None
-            reason = why(time.monotonic())
-            if reason is not None:
-                return reason
+            gone = [p for p in pins if p.status is not None or p.exited()]
+            if gone:
+                for pin in gone:
+                    if pin.status is None:
+                        pin.collect()
+                return gone
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            if len(fds) < len(pins):
+                left = min(left, step)
+                step = min(step * 2, step_cap)
+            await asyncio.wait({woken}, timeout=left)
+            if woken.done():
+                woken = loop.create_future()
     finally:
-        loop.remove_reader(leader.fd)
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+async def drive(stop: Stop, step_cap: float = MAX_STEP_S) -> StopOutcome:
+    """Run ``stop`` to its end on the event loop (the asyncio twin of ``engine.drive``)."""
+    stop.begin(time.monotonic())
+    while stop.outcome is None:
+        pins = list(stop.awaited.values())
+        gone = await _any_exit(pins, stop.deadline - time.monotonic(), step_cap)
+        now = time.monotonic()
+        if gone:
+            stop.exited(gone, now)
+        elif now >= stop.deadline:
+            stop.due(now)
+    return stop.outcome
+
+
+async def _drive_registered(stop: Stop, reason: str, step_cap: float) -> StopOutcome:
+    leader = stop.leader
+    if leader is None:
+        return await drive(stop, step_cap)
+    future = ONGOING.begin(leader, reason)
+    outcome: Optional[StopOutcome] = None
+    try:
+        outcome = await drive(stop, step_cap)
+        return outcome
+    finally:
+        ONGOING.end(leader, future, outcome or StopOutcome(False, "failed"))
 
 
 class AsyncDispatchMonitor:
@@ -296,6 +209,7 @@ class AsyncDispatchMonitor:
         idle_timeout_ms: float = 0,
         *,
         stop_leftovers: bool = True,
+        eof_wait_ms: float = DEFAULT_EOF_WAIT_MS,
     ) -> asyncio.Future[DispatchCompletionResult]:
         """Like :meth:`DispatchMonitor.watch`; call it with the event loop running."""
         loop = asyncio.get_running_loop()
@@ -306,6 +220,7 @@ class AsyncDispatchMonitor:
             graceful_shutdown_ms,
             idle_timeout_ms,
             stop_leftovers=stop_leftovers,
+            eof_wait_ms=eof_wait_ms,
         )
         outer = asyncio.wrap_future(inner, loop=loop)
         self._links[outer] = inner

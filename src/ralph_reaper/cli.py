@@ -22,21 +22,23 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 from . import __version__
 from .backends import BackendUnavailableError, backend_info
 from .backends import get as get_backend
-from .completion import terminate, wait_for_dispatch_completion
+from .completion import run_watch, terminate
 from .dispatches import REGISTRY, Dispatch
+from .ending import launch_failed
+from .engine import drive, orphans_stop
 from .logs import resolve_logger
 from .pins import Pin
-from .results import DispatchCompletionResult, DispatchCompletionStatus, DispatchResult
+from .results import DispatchCompletionResult, DispatchCompletionStatus
 from .spawning import spawn_dispatch
-from .stopping import stop_orphans
 from .tracking import write_json_file
 from .validation import check_pid
 from .waiting import wait_any
+from .watches import prepare
 
 EXIT_TIMEOUT = 124
 EXIT_LAUNCHER = 125
@@ -58,16 +60,6 @@ def parse_duration(text: str) -> float:
     if math.isinf(seconds) or math.isnan(seconds):
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}")
     return seconds
-
-
-class _Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_interrupted(signum: int, _frame: Optional[FrameType]) -> NoReturn:
-    raise _Interrupted(signum)
 
 
 def _describe(result: DispatchCompletionResult, command: str) -> str:
@@ -127,39 +119,108 @@ def cmd_run(args: argparse.Namespace) -> int:
     # daemons are stopped below.
     with contextlib.suppress(OSError):
         backend.set_child_subreaper(True)
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    pending: list[int] = []
-    # Until the wait starts a signal is only noted: raising inside the launch
-    # could lose track of a child that has already started.
-    previous = {sig: signal.signal(sig, lambda n, _f: pending.append(n)) for sig in handled}
+    stopper = _SignalStop(args)
+    previous = {sig: signal.signal(sig, stopper.handle) for sig in _TERMINATING}
     try:
-        dispatch = spawn_dispatch(
-            argv,
-            ticket_id=args.ticket,
-            stdin="pipe" if args.eof_wait > 0 else "inherit",
-            grace_ms=args.grace * 1000.0,
-            die_with_parent=True,
-        )
-        if dispatch.status != "launched" or dispatch.pid is None:
-            error = dispatch.error or "cannot start the command"
-            print(f"ralph-reaper: {error}", file=sys.stderr)
-            if error.startswith("command not found"):
-                return EXIT_NOT_FOUND
-            if error.startswith("cannot execute"):
-                return EXIT_NOT_EXECUTABLE
-            return EXIT_LAUNCHER
-        spawned = REGISTRY.get(dispatch.pid)
-        if args.eof_wait > 0 and spawned is not None and spawned.stdin_fd is not None:
-            os.set_blocking(spawned.stdin_fd, False)
-            threading.Thread(
-                target=_forward_stdin, args=(spawned,), name="ralph-reaper-stdin", daemon=True
-            ).start()
-        interrupted, result = _wait_or_interrupt(args, dispatch, handled, pending)
-        swept = stop_orphans(args.grace, resolve_logger(None))
-        result.descendants_killed += swept.descendants_killed
+        result, status = _launch_and_wait(args, argv, stopper)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    _report(args, argv, result)
+    if stopper.signum is not None and result.stop_reason == "signal":
+        return 128 + stopper.signum
+    return status if status is not None else _exit_status(result)
+
+
+#: Signals that stop the dispatch (the stop begins with the signal received).
+_TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _SignalStop:
+    """Turns a termination signal to ``run`` into a stop of the tree, on its own thread.
+
+    The handler never raises: the wait in the main thread goes on, sees the
+    leader end, and reports the stop that ended it (the engine lists stops in
+    progress), so the result is built the same way as every other.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.signum: Optional[int] = None
+        self.pid: Optional[int] = None
+        self.thread: Optional[threading.Thread] = None
+
+    def handle(self, signum: int, _frame: Optional[FrameType]) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.start()
+
+    def start(self) -> None:
+        if self.signum is None or self.pid is None or self.thread is not None:
+            return
+        self.thread = threading.Thread(target=self._stop, name="ralph-reaper-stop", daemon=True)
+        self.thread.start()
+
+    def _stop(self) -> None:
+        assert self.pid is not None and self.signum is not None
+        with contextlib.suppress(Exception):
+            terminate(
+                self.pid,
+                kill_wait_ms=self.args.grace * 1000.0,
+                eof_wait_ms=self.args.eof_wait * 1000.0,
+                reason="signal",
+            )
+
+
+def _launch_and_wait(
+    args: argparse.Namespace, argv: list[str], stopper: _SignalStop
+) -> tuple[DispatchCompletionResult, Optional[int]]:
+    """The result, and the exit status when it is one of the launcher's own (126, 127, 125)."""
+    dispatch = spawn_dispatch(
+        argv,
+        ticket_id=args.ticket,
+        stdin="pipe" if args.eof_wait > 0 else "inherit",
+        grace_ms=args.grace * 1000.0,
+        die_with_parent=True,
+    )
+    if dispatch.status != "launched" or dispatch.pid is None:
+        error = dispatch.error or "cannot start the command"
+        print(f"ralph-reaper: {error}", file=sys.stderr)
+        status = EXIT_LAUNCHER
+        if error.startswith("command not found"):
+            status = EXIT_NOT_FOUND
+        elif error.startswith("cannot execute"):
+            status = EXIT_NOT_EXECUTABLE
+        return launch_failed(dispatch, args.ticket, get_backend().name), status
+    spawned = REGISTRY.get(dispatch.pid)
+    if args.eof_wait > 0 and spawned is not None and spawned.stdin_fd is not None:
+        os.set_blocking(spawned.stdin_fd, False)
+        threading.Thread(
+            target=_forward_stdin, args=(spawned,), name="ralph-reaper-stdin", daemon=True
+        ).start()
+    prepared = prepare(
+        dispatch,
+        args.ticket,
+        log=resolve_logger(None),
+        timeout_ms=args.timeout * 1000.0,
+        graceful_shutdown_ms=args.grace * 1000.0,
+        idle_timeout_ms=args.idle_timeout * 1000.0,
+        eof_wait_ms=args.eof_wait * 1000.0,
+    )
+    if isinstance(prepared, DispatchCompletionResult):
+        return prepared, None
+    stopper.pid = dispatch.pid
+    stopper.start()  # a signal that came during the launch
+    result = run_watch(prepared)
+    if stopper.thread is not None:
+        stopper.thread.join()
+    swept = orphans_stop(grace_s=args.grace, log=resolve_logger(None))
+    if swept is not None:
+        result.descendants_killed += drive(swept).descendants_killed
+    return result, None
+
+
+def _report(args: argparse.Namespace, argv: list[str], result: DispatchCompletionResult) -> None:
     record = result.to_dict()
     record["command"] = argv
     if args.exit_file:
@@ -171,9 +232,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(record, sort_keys=True), flush=True)
     elif not args.quiet:
         print(f"ralph-reaper: {_describe(result, os.path.basename(argv[0]))}", file=sys.stderr)
-    if interrupted is not None:
-        return 128 + interrupted
-    return _exit_status(result)
 
 
 def _forward_stdin(dispatch: Dispatch) -> None:
@@ -200,54 +258,6 @@ def _forward_stdin(dispatch: Dispatch) -> None:
             if written == 0:
                 dispatch.wait_writable(1.0)
             view = view[written:]
-
-
-def _wait_or_interrupt(
-    args: argparse.Namespace,
-    dispatch: DispatchResult,
-    handled: tuple[signal.Signals, ...],
-    pending: list[int],
-) -> tuple[Optional[int], DispatchCompletionResult]:
-    """Wait for the dispatch; a signal to this process stops the tree instead."""
-    assert dispatch.pid is not None
-    for sig in handled:
-        signal.signal(sig, _raise_interrupted)
-    try:
-        if pending:
-            raise _Interrupted(pending[0])
-        return None, wait_for_dispatch_completion(
-            dispatch,
-            args.ticket,
-            timeout_ms=args.timeout * 1000.0,
-            graceful_shutdown_ms=args.grace * 1000.0,
-            eof_wait_ms=args.eof_wait * 1000.0,
-        )
-    except _Interrupted as exc:
-        for sig in handled:  # a second ^C must not abandon the stop half-way
-            signal.signal(sig, signal.SIG_IGN)
-        outcome = terminate(
-            dispatch.pid,
-            session_id=dispatch.session_id,
-            kill_wait_ms=args.grace * 1000.0,
-            eof_wait_ms=args.eof_wait * 1000.0,
-        )
-        result = DispatchCompletionResult(
-            ticket_id=args.ticket,
-            session_id=dispatch.session_id,
-            status=DispatchCompletionStatus.TERMINATED,
-            pid=dispatch.pid,
-            termination_method=outcome.method if outcome.success else "failed",
-            error=f"ralph-reaper received {signal.Signals(exc.signum).name}",
-            descendants_killed=outcome.descendants_killed,
-            containment=outcome.containment,
-            backend=get_backend().name,
-            stage_ms=outcome.stage_ms,
-        )
-        if outcome.leader_status is not None:
-            result.return_code = outcome.leader_status.return_code
-            result.signal = outcome.leader_status.signal
-            result.core_dumped = outcome.leader_status.core_dumped
-        return exc.signum, result
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -373,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="begin a stop with EOF on CMD's stdin and wait up to D before SIGTERM; "
         "CMD's stdin is then a pipe fed from this one (default 0: no EOF stage, "
         "CMD inherits stdin)",
+    )
+    run.add_argument(
+        "--idle-timeout",
+        type=parse_duration,
+        default=0.0,
+        metavar="D",
+        help="stop the tree once CMD has sat idle at its stdin for D (0 = never)",
     )
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     run.add_argument("--exit-file", metavar="P", help="also write the JSON result to P atomically")

@@ -76,9 +76,41 @@ class Members:
                 added += 1
         return added
 
+    def widen(self, session: int) -> None:
+        """From now on, also the members of ``session`` (a keeper that did not answer:
+        its command's session is what the host stops itself)."""
+        self.containment = "session"
+        if session != os.getsid(0):
+            self.session = session
+
     def live(self) -> list[Pin]:
         return [p for p in self.pins.values() if p.status is None and not p.exited()]
 
     def close(self) -> None:
         for pin in self.pins.values():
             pin.close()
+
+
+def sessions_in_use(backend: Backend, sids: set[int]) -> set[int]:
+    """Which of ``sids`` still have a process (zombies count: they may need reaping).
+
+    One session: the backend's own scan. Several: one pass over ``/proc`` for
+    all, so that N exits drained together cost one scan, not N.
+    """
+    if len(sids) == 1:
+        (sid,) = sids
+        return {sid} if backend.session_members(sid) else set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return set(sids)
+    found: set[int] = set()
+    for name in names:
+        if not name.isdigit():
+            continue
+        st = backend.proc_stat(int(name))
+        if st is not None and st.session in sids:
+            found.add(st.session)
+            if len(found) == len(sids):
+                break
+    return found

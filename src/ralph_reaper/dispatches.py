@@ -10,8 +10,6 @@ command's rusage, stage timings and the descendants the keeper stopped).
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import os
 import select
 import subprocess
@@ -19,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from .keeper_client import KeeperLink
 
 EOT = b"\x04"  # ^D: end of input for a terminal in canonical mode
 
@@ -34,23 +34,28 @@ class Dispatch:
     popen: subprocess.Popen[bytes]
     stdin_kind: str  # "pipe", "pty" or "devnull"
     stdin_fd: Optional[int] = None  # write end of the stdin pipe, or the pty master
-    report_fd: Optional[int] = None  # keeper -> host: JSON lines
-    control_fd: Optional[int] = None  # host -> keeper: "stop <grace_ms>"
-    command_pid: Optional[int] = None
+    keeper: Optional[KeeperLink] = None  # the keeper's pipes, under keeper containment
     timeout_ms: float = 0.0
     idle_timeout_ms: float = 0.0
     output_paths: list[str] = field(default_factory=list)
     spawned_at: float = field(default_factory=time.monotonic)
-    final_report: Optional[dict[str, Any]] = None
-    command_exit: Optional[int] = None
-    report_eof: bool = False
-    _buffer: bytes = b""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def leader_pid(self) -> int:
         """The command itself (the keeper's child under keeper containment)."""
-        return self.command_pid or self.pid
+        if self.keeper is not None:
+            self.keeper.read_reports()
+            return self.keeper.command_pid or self.pid
+        return self.pid
+
+    @property
+    def final_report(self) -> Optional[dict[str, Any]]:
+        """The keeper's final report, once it has written it (None without a keeper)."""
+        if self.keeper is None:
+            return None
+        self.keeper.read_reports()
+        return self.keeper.final_report
 
     def send_eof(self) -> bool:
         """Close the command's stdin (or type ^D on its pty); False when we hold none."""
@@ -100,69 +105,16 @@ class Dispatch:
         # meanwhile, this only wakes early or late; feed_stdin checks again.
         poller.poll(timeout_s * 1000.0)
 
-    def request_stop(self, grace_ms: float) -> bool:
-        """Ask the keeper to run its stop sequence; False if it cannot be asked."""
-        with self._lock:
-            fd = self.control_fd
-            if fd is None:
-                return False
-            try:
-                os.write(fd, f"stop {int(grace_ms)}\n".encode())
-            except OSError:
-                return False
-            return True
-
-    def read_reports(self) -> list[dict[str, Any]]:
-        """Take every complete JSON line the keeper has written so far (non-blocking)."""
-        events: list[dict[str, Any]] = []
-        with self._lock:
-            fd = self.report_fd
-            if fd is None:
-                return events
-            while True:
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.EINTR:
-                        continue
-                    break
-                if not chunk:
-                    self.report_eof = True
-                    break
-                self._buffer += chunk
-            *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-                self._note(event)
-        return events
-
-    def _note(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "started" and isinstance(event.get("pid"), int):
-            self.command_pid = event["pid"]
-        elif kind == "command_exit" and isinstance(event.get("status"), int):
-            self.command_exit = event["status"]
-        elif kind == "exit":
-            self.final_report = event
-
     def close(self) -> None:
         """Close every fd the package holds for this dispatch."""
         with self._lock:
-            fds = [self.stdin_fd, self.report_fd, self.control_fd]
-            self.stdin_fd = self.report_fd = self.control_fd = None
-        for fd in fds:
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            fd, self.stdin_fd = self.stdin_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.keeper is not None:
+            self.keeper.read_reports()
+            self.keeper.close()
         # The package reaps the process; Popen must not wait for it again.
         if self.popen.returncode is None:
             self.popen.returncode = -1
@@ -186,12 +138,7 @@ class Registry:
         with self._lock:
             dispatch = self._by_pid.pop(pid, None)
         if dispatch is not None:
-            dispatch.read_reports()
             dispatch.close()
-
-    def pids(self) -> list[int]:
-        with self._lock:
-            return list(self._by_pid)
 
 
 REGISTRY = Registry()

@@ -16,8 +16,7 @@ import threading
 from collections import OrderedDict
 from typing import Optional
 
-from .backends.base import Backend
-from .exitstatus import ExitStatus
+from .backends.base import Backend, ExitStatus
 from .pins import Pin
 
 MAX_EXITS = 4096

@@ -1,9 +1,13 @@
 """Many dispatches, one thread: one epoll set, one timer heap, no thread per dispatch.
 
 :class:`DispatchMonitor` watches any number of dispatches from a single thread.
-Its results are those of :func:`~ralph_reaper.wait_for_dispatch_completion`
-(the same statuses, return codes, methods and fields), delivered through
-:class:`concurrent.futures.Future` objects.
+It is a driver of the same objects the blocking API drives: a
+:class:`~ralph_reaper.watches.Watch` per dispatch while it runs, a
+:class:`~ralph_reaper.engine.Stop` when it is stopped (timeout, idle,
+:meth:`~DispatchMonitor.terminate`, close) or when its leader left something
+in its session, and :func:`~ralph_reaper.ending.finish` for the result. So its
+results are those of :func:`~ralph_reaper.wait_for_dispatch_completion`,
+delivered through :class:`concurrent.futures.Future` objects.
 
 How the thread waits
 --------------------
@@ -12,44 +16,17 @@ reaps every exited child of a batch in one call. That call runs ``waitid`` on
 each ready fd, so nothing but pidfds may sit in that set. The thread therefore
 waits on a second, tiny ``select.epoll`` that holds two fds: the backend's epoll
 set itself (an epoll fd is readable while any fd in it is) and the read end of
-a wake-up pipe that other threads write to when they hand the thread work
-(``watch``, ``terminate``, ``close``, a future cancelled). One ``epoll_wait``
-with the timeout of the earliest timer is the only place the thread blocks,
-so with nothing due it uses no CPU at all.
+a wake-up pipe that other threads write to when they hand the thread work.
+One ``epoll_wait`` with the timeout of the earliest timer is the only place
+the thread blocks, so with nothing due it uses no CPU at all.
 
-Without pidfds (the polling backend) or for a process pinned without one
-(out of file descriptors, see :mod:`ralph_reaper.pins`) the timer heap checks
-the process with a per-dispatch backoff from 0.1 ms doubling to 50 ms.
-
-How stops avoid blocking
-------------------------
-A timeout, an idle stop or :meth:`DispatchMonitor.terminate` never calls the
-blocking stop sequence on the monitor thread. The sequence of
-:mod:`ralph_reaper.stopping` (EOF where the package holds the dispatch's
-stdin, then SIGTERM + SIGCONT, then SIGKILL with up to five rounds for members
-forked meanwhile, then give up) is run as steps of the timer heap: each stage
-discovers and pins the members, signals them, adds their pidfds to the same
-epoll set and schedules the next stage; the stop ends the moment the last
-member's exit is drained. Any number of stops thus run at once, interleaved
-with exit detection of every other dispatch. The one exception is a dispatch
-under *keeper* containment (started by ``spawn_dispatch`` with the native
-backend): its keeper runs the sequence with its own timers, and asking and
-waiting is done by :func:`ralph_reaper.completion.terminate` in a small worker
-thread pool, again without holding up the monitor thread.
-
-After a natural exit, what the leader left in its own session is stopped as
-``wait_for_dispatch_completion`` does (``stop_leftovers=True``). Finding out
-whether a session still has members means reading ``/proc``; exits drained
-together are checked with one scan, so a burst of N exits costs one scan, not N.
-
-Results of stops
-----------------
-* timeout, idle: ``TIMEOUT`` (``timed_out=True``, ``stop_reason`` ``"timeout"``
-  or ``"idle"``), as in ``wait_for_dispatch_completion``;
-* :meth:`~DispatchMonitor.terminate` or ``close(terminate=True)``:
-  ``TERMINATED`` with the stage that ended it in ``termination_method`` and
-  ``stop_reason`` ``"terminate"`` or ``"close"``;
-* a stop that could not end the tree: ``ERROR`` with method ``"failed"``.
+A stop never blocks the thread: each stop's awaited members go into the same
+epoll set and its deadline into the same timer heap, so any number of stops
+(keeper stops too: a message on the keeper's control pipe, then its pidfd)
+run at once, interleaved with exit detection of every other dispatch.
+Without pidfds (the polling backend) or for a pin without one (out of file
+descriptors) the timer heap checks the process with a backoff from 0.1 ms
+doubling to 50 ms.
 
 Futures are completed on the monitor thread: done-callbacks run there and must
 not block (``asyncio.wrap_future`` and the waiting helpers here do not).
@@ -59,11 +36,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import heapq
-import itertools
 import os
 import select
-import signal
 import threading
 import time
 import weakref
@@ -71,33 +45,16 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .backends import get as get_backend
-from .backends.base import Backend, EpollSet
-from .completion import (
-    DEFAULT_EOF_WAIT_MS,
-    PROGRESS_EVERY_S,
-    _ended,
-    _idle_watch,
-    stopped_result,
-)
-from .completion import terminate as _blocking_terminate
-from .containment import Members
-from .dispatches import REGISTRY, Dispatch
-from .exits import BOOK
-from .exitstatus import ExitStatus
-from .idle import IdleWatch
-from .logs import LogSink, resolve_logger
+from .backends.base import EpollSet, ExitStatus
+from .containment import sessions_in_use
+from .ending import collect_leader, finish, needs_sweep, stop_for, sweep_for
+from .engine import ONGOING, Stop, StopOutcome, not_running
+from .logs import resolve_logger
 from .pins import Pin
-from .results import DispatchCompletionResult, DispatchCompletionStatus
-from .stopping import (
-    KILL_ROUNDS,
-    KILL_WAIT_S,
-    StopOutcome,
-    _finish,
-    keeper_details,
-    stop_members,
-)
-from .validation import check_ms, check_signal_target
+from .results import DispatchCompletionResult
+from .timers import Timer, TimerHeap
 from .waiting import FIRST_STEP_S, MAX_STEP_S
+from .watches import DEFAULT_EOF_WAIT_MS, PROGRESS_EVERY_S, Watch, prepare
 
 if TYPE_CHECKING:
     from concurrent.futures._base import DoneAndNotDoneFutures
@@ -110,289 +67,54 @@ FIRST_EXCEPTION = cf.FIRST_EXCEPTION
 
 #: Exits taken out of the epoll set per drain call.
 DRAIN_BATCH = 1024
-EOF_WAIT_S = DEFAULT_EOF_WAIT_MS / 1000.0
 #: The longest single epoll wait (epoll_wait takes an int of milliseconds).
 MAX_WAIT_S = 86400.0
-#: Heap compaction: rebuild once this many cancelled timers make up half the heap.
-_COMPACT_MIN = 64
 
-# Watch states (owned by the monitor thread once the watch is taken in).
-_NEW, _RUNNING, _STOPPING, _HANDED, _ENDING, _SWEEPING, _DONE = range(7)
-
+# States of an entry (owned by the monitor thread once it has taken the entry in).
+_NEW, _RUNNING, _STOPPING, _ENDING, _DONE = range(5)
 # Commands posted to the monitor thread.
-_CMD_WATCH, _CMD_TERMINATE, _CMD_CANCEL, _CMD_HANDED, _CMD_CLOSE = range(5)
+_CMD_WATCH, _CMD_TERMINATE, _CMD_CANCEL, _CMD_CLOSE, _CMD_OTHER_STOP = range(5)
 
 
-class _Watch:
-    """One watched dispatch: a pinned leader and what to do about it (a few hundred bytes)."""
+class _Entry:
+    """One watched dispatch on the monitor thread: its watch, its stop, its registrations."""
 
     __slots__ = (
-        "backend_name",
-        "deadline_entry",
-        "dispatch",
         "future",
-        "grace_s",
-        "idle",
-        "idle_s",
-        "known",
-        "leader",
-        "limit_s",
         "monitor",
-        "pid",
-        "reason",
-        "session_id",
-        "sid",
-        "started",
+        "ongoing",
+        "slow",
         "state",
         "step",
         "stop",
-        "stop_leftovers",
-        "ticket_id",
-        "token",
-        "watching",
+        "stop_timer",
+        "sweeping",
+        "tokens",
+        "wake_timer",
+        "watch",
     )
 
-    def __init__(self, ticket_id: str, session_id: str, pid: Any, backend_name: str) -> None:
-        self.ticket_id = ticket_id
-        self.session_id = session_id
-        self.pid: Any = pid
-        self.backend_name = backend_name
-        self.started = 0.0
-        self.state = _NEW
+    def __init__(self, watch: Watch) -> None:
+        self.watch = watch
         self.future: Optional[cf.Future[DispatchCompletionResult]] = None
         self.monitor: Optional[DispatchMonitor] = None
-        self.leader: Optional[Pin] = None
-        #: The exit status, when the leader had been reaped before it was watched.
-        self.known: Optional[ExitStatus] = None
-        #: The session the leader leads (its pid), scanned for leftovers; None if none.
-        self.sid: Optional[int] = None
-        self.dispatch: Optional[Dispatch] = None
-        self.limit_s = 0.0
-        self.grace_s = 0.0
-        self.idle_s = 0.0
-        self.idle: Optional[IdleWatch] = None
-        self.stop_leftovers = True
-        self.deadline_entry: Optional[list[Any]] = None
-        self.reason: Optional[str] = None
-        self.stop: Optional[_Stop] = None
-        self.token = 0
-        self.watching = False
+        self.state = _NEW
+        self.stop: Optional[Stop] = None
+        self.sweeping = False
+        self.ongoing: Optional[cf.Future[StopOutcome]] = None
+        #: epoll tokens of this entry's pins (the leader's while running, else the stop's).
+        self.tokens: dict[int, Pin] = {}
+        #: Pins without a pidfd, checked by the polling timer.
+        self.slow: list[Pin] = []
         self.step = FIRST_STEP_S
-
-    def base(self) -> dict[str, Any]:
-        base: dict[str, Any] = {
-            "ticket_id": self.ticket_id,
-            "session_id": self.session_id,
-            "pid": self.pid if type(self.pid) is int else None,
-            "backend": self.backend_name,
-        }
-        if self.dispatch is not None:
-            base["containment"] = self.dispatch.containment
-        return base
+        self.wake_timer: Optional[Timer] = None
+        self.stop_timer: Optional[Timer] = None
 
     def __call__(self, future: cf.Future[DispatchCompletionResult]) -> None:
         """Done-callback of the future: a cancelled future means "stop watching"."""
         monitor = self.monitor
         if monitor is not None and future.cancelled():
             monitor._post(_CMD_CANCEL, self)
-
-
-class _Stop:
-    """A stop sequence run as timer steps: the members, the stage, who is still awaited."""
-
-    __slots__ = (
-        "done",
-        "entry",
-        "kill_round",
-        "leftovers",
-        "members",
-        "method",
-        "ntracked",
-        "polling",
-        "signalled",
-        "slow",
-        "stage",
-        "stage_ms",
-        "step",
-        "t0",
-        "tokens",
-        "waiting",
-        "watch",
-    )
-
-    def __init__(self, watch: _Watch, members: Members, leftovers: bool) -> None:
-        self.watch = watch
-        self.members = members
-        #: True when this stops what an exited leader left behind (the result stays natural).
-        self.leftovers = leftovers
-        self.signalled: set[int] = set()
-        self.stage_ms: dict[str, float] = {}
-        self.stage = ""
-        self.t0 = 0.0
-        self.method = "failed"
-        self.kill_round = 0
-        self.entry: Optional[list[Any]] = None
-        #: Pinned members whose exit this stage still awaits.
-        self.waiting: set[Pin] = set()
-        #: How many of ``members.pins`` have been looked at (the dict only grows).
-        self.ntracked = 0
-        self.tokens: list[int] = []
-        self.slow: list[Pin] = []
-        self.polling = False
-        self.step = FIRST_STEP_S
-        self.done = False
-
-
-_Owner = Union[_Watch, _Stop]
-
-
-def _prepare(
-    backend: Backend,
-    log: LogSink,
-    dispatch_result: Any,
-    ticket_id: str,
-    timeout_ms: float,
-    graceful_shutdown_ms: float,
-    idle_timeout_ms: float,
-    stop_leftovers: bool,
-    started: float,
-) -> Union[_Watch, DispatchCompletionResult]:
-    """Validate, look the dispatch up and pin its leader; or the immediate ERROR result.
-
-    Shared by :class:`DispatchMonitor` and :mod:`ralph_reaper.aio`; it follows
-    the prologue of ``wait_for_dispatch_completion`` step by step.
-    """
-    timeout_s = check_ms("timeout_ms", timeout_ms) / 1000.0
-    grace_s = check_ms("graceful_shutdown_ms", graceful_shutdown_ms) / 1000.0
-    idle_s = check_ms("idle_timeout_ms", idle_timeout_ms) / 1000.0
-    session_id = getattr(dispatch_result, "session_id", "") or ""
-    pid_value = getattr(dispatch_result, "pid", None)
-    w = _Watch(ticket_id, session_id, pid_value, backend.name)
-    w.started = started
-    w.grace_s = grace_s
-    w.stop_leftovers = stop_leftovers
-
-    def error(message: str) -> DispatchCompletionResult:
-        result = DispatchCompletionResult(
-            **w.base(), status=DispatchCompletionStatus.ERROR, error=message
-        )
-        result.duration_ms = (time.monotonic() - started) * 1000.0
-        return result
-
-    if pid_value is None:
-        log.error(f"No PID available for dispatch of {ticket_id}")
-        return error("No PID available")
-    try:
-        pid = check_signal_target(pid_value)
-    except (TypeError, ValueError) as exc:
-        log.error(f"Invalid PID for dispatch of {ticket_id}: {exc}")
-        return error(str(exc))
-    w.pid = pid
-    dispatch = REGISTRY.get(pid)
-    w.dispatch = dispatch
-    if dispatch is not None:
-        if dispatch.containment == "keeper":
-            w.stop_leftovers = False  # the keeper stopped them before it exited
-        if timeout_s <= 0 and dispatch.timeout_ms > 0:
-            timeout_s = max(0.0, dispatch.spawned_at + dispatch.timeout_ms / 1000.0 - started)
-            timeout_s = timeout_s or 1e-9
-        idle_s = idle_s or dispatch.idle_timeout_ms / 1000.0
-    w.limit_s = timeout_s
-    w.idle_s = idle_s
-    known = BOOK.lookup(backend, pid)
-    if known is not None:
-        w.known = known
-        w.sid = pid
-        return w
-    leader = BOOK.take(pid) or Pin.open(backend, pid)
-    if leader is None:
-        # Already reaped by someone else: report what is known, still sweep its session.
-        w.sid = pid
-        return w
-    w.leader = leader
-    st = backend.proc_stat(pid)
-    if st is not None and st.session == pid:
-        w.sid = pid
-    if idle_s > 0:
-        w.idle = _idle_watch(backend, dispatch, pid)
-    return w
-
-
-def _idle_sample_s(idle_s: float) -> float:
-    return min(max(idle_s / 4.0, 0.05), 1.0)
-
-
-def _limit(w: _Watch) -> float:
-    """The limit that ran out, for the result's message."""
-    return w.idle_s if w.reason == "idle" else w.limit_s
-
-
-def _sessions_in_use(backend: Backend, sids: set[int]) -> set[int]:
-    """Which of ``sids`` still have a process (zombies count: they may need reaping).
-
-    One session: the backend's own scan. Several: one pass over ``/proc`` for all.
-    """
-    if len(sids) == 1:
-        (sid,) = sids
-        return {sid} if backend.session_members(sid) else set()
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return set(sids)
-    found: set[int] = set()
-    for name in names:
-        if not name.isdigit():
-            continue
-        st = backend.proc_stat(int(name))
-        if st is not None and st.session in sids:
-            found.add(st.session)
-            if len(found) == len(sids):
-                break
-    return found
-
-
-def _leader_status(w: _Watch) -> Optional[ExitStatus]:
-    """Collect (reap) an exited leader, remember its exit, close its pin; its status."""
-    status = w.known
-    leader = w.leader
-    if leader is not None:
-        if leader.status is None:
-            leader.collect()
-        if leader.status is not None:
-            status = leader.status
-            BOOK.remember(leader.pid, leader.starttime, leader.status)
-        leader.close()
-    return status
-
-
-def _stop_leftovers(backend: Backend, sid: int, kill_wait_s: float, log: LogSink) -> StopOutcome:
-    """Blocking: stop what an exited leader left in its session ``sid`` (aio's executor)."""
-    members = Members(backend, None, "session", session=sid)
-    if members.discover() and members.live():
-        log.info(f"session {sid}: the leader exited; stopping what it left behind")
-        outcome = stop_members(members, kill_wait_s=kill_wait_s, log=log)
-    else:
-        outcome = _finish(members, True, "not_running", set(), {})
-    outcome.method = "not_running"
-    outcome.success = not outcome.survivors
-    return outcome
-
-
-def _natural_end(w: _Watch, outcome: StopOutcome) -> DispatchCompletionResult:
-    """The result of a leader that exited by itself; ``outcome`` says what the sweep did."""
-    outcome.leader_status = _leader_status(w)
-    if w.dispatch is not None:
-        keeper_details(w.dispatch, outcome)
-        REGISTRY.release(w.pid)
-    return _ended(w.base(), outcome, outcome.leader_status, w.pid)
-
-
-def _watch_of(owner: Any) -> Optional[_Watch]:
-    if isinstance(owner, _Watch):
-        return owner
-    if isinstance(owner, _Stop):
-        return owner.watch
-    return None
 
 
 def _epoll_fileno(epset: EpollSet) -> int:
@@ -410,34 +132,30 @@ class DispatchMonitor:
     ``close(terminate=False)`` stops *watching*: the futures of dispatches
     still running are cancelled (``result()`` raises ``CancelledError``), their
     pins are closed and nothing is signalled or reaped; stops already under
-    way (timeouts, idle stops, leftovers) are finished first, so that no tree
-    is left half-stopped. Cancelling one future likewise stops watching that
-    dispatch alone (once its stop has begun, the stop still runs to its end).
+    way are finished first, so that no tree is left half-stopped. Cancelling
+    one future likewise stops watching that dispatch alone (once its stop has
+    begun, the stop still runs to its end).
     """
 
     def __init__(self, logger: Any = None, *, max_workers: int = 4) -> None:
+        """``max_workers`` is accepted for compatibility: stops need no worker threads."""
         self._log = resolve_logger(logger)
         self._backend = get_backend()
-        self._max_workers = max(1, int(max_workers))
         self._lock = threading.Lock()
         self._inbox: list[tuple[int, Any]] = []
         self._woken = False
         self._closing = False
         #: Set on the monitor thread when it takes the close command: terminate or not.
         self._close_mode: Optional[bool] = None
-        self._watches: dict[int, _Watch] = {}
+        self._entries: dict[int, _Entry] = {}
         self._futures: weakref.WeakSet[cf.Future[DispatchCompletionResult]] = weakref.WeakSet()
         # Owned by the monitor thread:
-        self._heap: list[list[Any]] = []
-        self._seq = itertools.count()
-        self._stale = 0
-        self._tokens: dict[int, tuple[_Owner, Pin]] = {}
-        self._next_token = itertools.count(1)
-        self._ending: list[_Watch] = []
-        self._progress_entry: Optional[list[Any]] = None
+        self._timers = TimerHeap()
+        self._tokens: dict[int, _Entry] = {}
+        self._next_token = 1
+        self._ending: list[_Entry] = []
+        self._progress: Optional[Timer] = None
         self._active = 0
-        self._handed = 0
-        self._pool: Optional[cf.ThreadPoolExecutor] = None
         self._epset: Optional[EpollSet] = None
         self._outer: Optional[select.epoll] = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -469,7 +187,7 @@ class DispatchMonitor:
     def __len__(self) -> int:
         """How many dispatches are being watched (or stopped) right now."""
         with self._lock:
-            return sum(1 for w in self._watches.values() if w.state != _DONE)
+            return sum(1 for e in self._entries.values() if e.state != _DONE)
 
     def __enter__(self) -> DispatchMonitor:
         return self
@@ -486,6 +204,7 @@ class DispatchMonitor:
         idle_timeout_ms: float = 0,
         *,
         stop_leftovers: bool = True,
+        eof_wait_ms: float = DEFAULT_EOF_WAIT_MS,
     ) -> cf.Future[DispatchCompletionResult]:
         """Watch one dispatch; its future gets what ``wait_for_dispatch_completion`` returns.
 
@@ -493,19 +212,17 @@ class DispatchMonitor:
         future already done with an ERROR result; bad durations raise
         TypeError/ValueError here; a closed monitor raises RuntimeError.
         """
-        started = time.monotonic()
         if self._closing:
             raise RuntimeError("this DispatchMonitor is closed")
-        prepared = _prepare(
-            self._backend,
-            self._log,
+        prepared = prepare(
             dispatch_result,
             ticket_id,
-            timeout_ms,
-            graceful_shutdown_ms,
-            idle_timeout_ms,
-            stop_leftovers,
-            started,
+            log=self._log,
+            timeout_ms=timeout_ms,
+            graceful_shutdown_ms=graceful_shutdown_ms,
+            idle_timeout_ms=idle_timeout_ms,
+            eof_wait_ms=eof_wait_ms,
+            stop_leftovers=stop_leftovers,
         )
         future: cf.Future[DispatchCompletionResult] = cf.Future()
         if isinstance(prepared, DispatchCompletionResult):
@@ -513,27 +230,35 @@ class DispatchMonitor:
             with self._lock:
                 self._futures.add(future)
             return future
-        w = prepared
-        w.future = future
-        w.monitor = self
+        # One progress line for the whole monitor, not one per dispatch.
+        prepared.next_progress = float("inf")
+        entry = _Entry(prepared)
+        entry.future = future
+        entry.monitor = self
+        self._admit(entry)
+        future.add_done_callback(entry)
+        self._post(_CMD_WATCH, entry)
+        return future
+
+    def _admit(self, entry: _Entry) -> None:
+        pid = entry.watch.pid
+        assert pid is not None
         with self._lock:
-            problem = None
+            problem: Optional[Exception] = None
             if self._closing:
                 problem = RuntimeError("this DispatchMonitor is closed")
             else:
-                other = self._watches.get(w.pid)
+                other = self._entries.get(pid)
                 if other is not None and other.state in (_NEW, _RUNNING):
-                    problem = ValueError(f"pid {w.pid} is already watched by this monitor")
+                    problem = ValueError(f"pid {pid} is already watched by this monitor")
             if problem is None:
-                self._watches[w.pid] = w
-                self._futures.add(future)
+                self._entries[pid] = entry
+                if entry.future is not None:
+                    self._futures.add(entry.future)
         if problem is not None:
-            if w.leader is not None:
-                w.leader.close()
+            if entry.watch.leader is not None:
+                entry.watch.leader.close()
             raise problem
-        future.add_done_callback(w)
-        self._post(_CMD_WATCH, w)
-        return future
 
     def terminate(
         self, pid_or_future: Union[int, cf.Future[DispatchCompletionResult]]
@@ -546,24 +271,21 @@ class DispatchMonitor:
         once. A future that is already done is returned as it is.
         """
         with self._lock:
-            w: Optional[_Watch] = None
+            entry: Optional[_Entry] = None
             if isinstance(pid_or_future, cf.Future):
-                for candidate in self._watches.values():
-                    if candidate.future is pid_or_future:
-                        w = candidate
-                        break
-                if w is None:
+                entry = next((e for e in self._entries.values() if e.future is pid_or_future), None)
+                if entry is None:
                     if pid_or_future.done():
                         return pid_or_future
                     raise ValueError("this future was not returned by this monitor's watch()")
             else:
-                w = self._watches.get(pid_or_future)
-                if w is None:
+                entry = self._entries.get(pid_or_future)
+                if entry is None:
                     raise ValueError(f"pid {pid_or_future!r} is not watched by this monitor")
-            future = w.future
+            future = entry.future
         if future is None:  # completed meanwhile
-            raise ValueError(f"pid {w.pid} is no longer watched by this monitor")
-        self._post(_CMD_TERMINATE, w)
+            raise ValueError(f"pid {entry.watch.pid} is no longer watched by this monitor")
+        self._post(_CMD_TERMINATE, entry)
         return future
 
     def futures(self) -> list[cf.Future[DispatchCompletionResult]]:
@@ -630,34 +352,13 @@ class DispatchMonitor:
         for fd in (wake_r, wake_w):
             if fd >= 0:
                 os.close(fd)
-        if self._pool is not None:
-            self._pool.shutdown(wait=self._handed == 0)
-
-    def _schedule(self, when: float, fn: Callable[[Any], None], arg: Any) -> list[Any]:
-        entry = [when, next(self._seq), fn, arg]
-        heapq.heappush(self._heap, entry)
-        return entry
-
-    def _cancel_entry(self, entry: Optional[list[Any]]) -> None:
-        if entry is None or entry[2] is None:
-            return
-        entry[2] = entry[3] = None
-        self._stale += 1
-        if self._stale > _COMPACT_MIN and self._stale * 2 > len(self._heap):
-            self._heap = [e for e in self._heap if e[2] is not None]
-            heapq.heapify(self._heap)
-            self._stale = 0
 
     def _timeout(self) -> Optional[float]:
         if self._ending:
             return 0.0
-        heap = self._heap
-        while heap and heap[0][2] is None:
-            heapq.heappop(heap)
-            self._stale -= 1
-        if not heap:
+        due = self._timers.next_due()
+        if due is None:
             return None
-        due: float = heap[0][0]
         return min(MAX_WAIT_S, max(0.0, due - time.monotonic()))
 
     def _wait(self, timeout: Optional[float]) -> list[tuple[int, int]]:
@@ -672,6 +373,33 @@ class DispatchMonitor:
             time.sleep(timeout)
             events = self._outer.poll(0)
         return events
+
+    def _register(self, entry: _Entry, pin: Pin) -> None:
+        """Await ``pin``'s exit: its pidfd in the epoll set, else the polling timer."""
+        if self._epset is not None and pin.fd >= 0:
+            token = self._next_token
+            self._next_token += 1
+            try:
+                self._epset.add(pin.fd, token)
+            except OSError as exc:
+                self._log.warning(f"ralph-reaper: epoll add failed for pid {pin.pid} ({exc})")
+            else:
+                self._tokens[token] = entry
+                entry.tokens[token] = pin
+                return
+        entry.slow.append(pin)
+        if len(entry.slow) == 1:
+            entry.step = FIRST_STEP_S
+            self._timers.schedule(time.monotonic() + entry.step, self._poll_slow, entry)
+
+    def _unregister_all(self, entry: _Entry) -> None:
+        for token, pin in entry.tokens.items():
+            self._tokens.pop(token, None)
+            if self._epset is not None and pin.fd >= 0:
+                with contextlib.suppress(OSError):
+                    self._epset.remove(pin.fd)
+        entry.tokens.clear()
+        entry.slow.clear()
 
     # ------------------------------------------------------------------ the thread
 
@@ -696,10 +424,11 @@ class DispatchMonitor:
                 self._take_inbox()
             if inner:
                 self._drain_exits()
-            self._run_timers()
+            for fn, arg in self._timers.pop_due():
+                self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
             if self._ending:
                 self._sweep()
-            if self._close_mode is not None and self._active == 0 and self._handed == 0:
+            if self._close_mode is not None and self._active == 0:
                 return
 
     def _take_inbox(self) -> None:
@@ -711,39 +440,37 @@ class DispatchMonitor:
         with self._lock:
             commands, self._inbox = self._inbox, []
             self._woken = False
+        handlers: dict[int, Callable[[Any], None]] = {
+            _CMD_WATCH: self._start,
+            _CMD_TERMINATE: self._terminate,
+            _CMD_CANCEL: self._cancel,
+            _CMD_OTHER_STOP: self._other_stop_done,
+        }
         for cmd, arg in commands:
-            if cmd == _CMD_WATCH:
-                self._safely(arg, self._start_watch, arg)
-            elif cmd == _CMD_TERMINATE:
-                self._safely(arg, self._terminate, arg)
-            elif cmd == _CMD_CANCEL:
-                self._safely(arg, self._cancel, arg)
-            elif cmd == _CMD_HANDED:
-                self._safely(arg[0], self._handed_back, *arg)
-            elif cmd == _CMD_CLOSE:
+            if cmd == _CMD_CLOSE:
                 self._begin_close(arg)
+            else:
+                self._safely(arg, handlers[cmd], arg)
 
     def _drain_exits(self) -> None:
         epset = self._epset
         if epset is None:
             return
-        touched: list[tuple[_Owner, Pin]] = []
+        touched: dict[int, tuple[_Entry, list[Pin]]] = {}
         while True:
             events = epset.drain(0.0, DRAIN_BATCH)
             for ev in events:
                 entry = self._tokens.pop(ev.token, None)
                 if entry is None:
                     continue
-                owner, pin = entry
+                pin = entry.tokens.pop(ev.token)
                 pin.reaped = ev.reaped
                 if ev.status is not None:
                     pin.status = ExitStatus(ev.status, ev.rusage)
                 elif not ev.reaped:
                     with contextlib.suppress(OSError):  # then its status is unknown
                         pin.collect()
-                if isinstance(owner, _Watch):
-                    owner.token = 0
-                touched.append(entry)
+                touched.setdefault(id(entry), (entry, []))[1].append(pin)
             if len(events) < DRAIN_BATCH:
                 break
         if not touched:
@@ -751,70 +478,65 @@ class DispatchMonitor:
             # gone): do not spin on the level-triggered set.
             time.sleep(0.001)
         # Statuses of the whole batch are set before anyone looks at them.
-        for owner, pin in touched:
-            self._safely(_watch_of(owner), self._exited, owner, pin)
+        for entry, pins in touched.values():
+            self._safely(entry, self._exited, entry, pins)
 
-    def _run_timers(self) -> None:
-        heap = self._heap
-        now = time.monotonic()
-        while heap and heap[0][0] <= now:
-            entry = heapq.heappop(heap)
-            fn, arg = entry[2], entry[3]
-            if fn is None:
-                self._stale -= 1
-                continue
-            entry[2] = entry[3] = None
-            self._safely(_watch_of(arg), fn, arg)
-
-    def _register(self, owner: _Owner, pin: Pin) -> int:
-        """Add ``pin``'s pidfd to the epoll set; 0 when it cannot be (then it is polled)."""
-        if self._epset is None or pin.fd < 0:
-            return 0
-        token = next(self._next_token)
-        try:
-            self._epset.add(pin.fd, token)
-        except OSError as exc:
-            self._log.warning(f"ralph-reaper: epoll add failed for pid {pin.pid} ({exc}); polling")
-            return 0
-        self._tokens[token] = (owner, pin)
-        return token
-
-    def _unregister(self, token: int) -> None:
-        entry = self._tokens.pop(token, None)
-        if entry is not None and self._epset is not None:
-            self._epset.remove(entry[1].fd)
+    def _poll_slow(self, entry: _Entry) -> None:
+        """Polling path: check pins without a pidfd, with a doubling backoff."""
+        if entry.state == _DONE or not entry.slow:
+            return
+        gone = [p for p in entry.slow if p.status is not None or p.exited()]
+        for pin in gone:
+            if pin.status is None:
+                pin.collect()
+        entry.slow = [p for p in entry.slow if p not in gone]
+        if entry.slow:
+            entry.step = min(entry.step * 2, MAX_STEP_S)
+            self._timers.schedule(time.monotonic() + entry.step, self._poll_slow, entry)
+        if gone:
+            self._exited(entry, gone)
 
     # ------------------------------------------------------------------ watches
 
-    def _start_watch(self, w: _Watch) -> None:
-        if w.state != _NEW:  # cancelled before the thread took it
+    def _start(self, entry: _Entry) -> None:
+        if entry.state != _NEW:  # cancelled before the thread took it
             return
         self._active += 1
-        w.state = _RUNNING
-        leader = w.leader
-        if leader is None:
-            self._natural(w)
+        entry.state = _RUNNING
+        w = entry.watch
+        if w.leader is None:
+            self._natural(entry)
             return
-        now = time.monotonic()
-        if self._progress_entry is None:
-            self._progress_entry = self._schedule(now + PROGRESS_EVERY_S, self._progress, None)
-        w.watching = True
-        w.token = self._register(w, leader)
-        if not w.token:
-            w.step = FIRST_STEP_S
-            self._schedule(now + w.step, self._poll_owner, w)
-        if w.limit_s > 0:
-            w.deadline_entry = self._schedule(w.started + w.limit_s, self._deadline, w)
-        if w.idle is not None and w.idle_s > 0:
-            self._schedule(now + _idle_sample_s(w.idle_s), self._idle_tick, w)
+        if self._progress is None:
+            self._progress = self._timers.schedule(
+                time.monotonic() + PROGRESS_EVERY_S, self._progress_line, None
+            )
+        self._register(entry, w.leader)
+        self._arm_wake(entry)
 
-    def _progress(self, _arg: Any) -> None:
+    def _arm_wake(self, entry: _Entry) -> None:
+        now = time.monotonic()
+        wake = entry.watch.wake_at(now)
+        if wake != float("inf"):
+            entry.wake_timer = self._timers.schedule(wake, self._wake, entry)
+
+    def _wake(self, entry: _Entry) -> None:
+        entry.wake_timer = None
+        if entry.state != _RUNNING:
+            return
+        reason = entry.watch.due(time.monotonic())
+        if reason is None:
+            self._arm_wake(entry)
+        else:
+            self._start_stop(entry, reason)
+
+    def _progress_line(self, _arg: Any) -> None:
         """One line per PROGRESS_EVERY_S for the whole monitor, not one per dispatch:
         with thousands watched, per-dispatch lines (as a lone wait logs) would
         drown the log."""
-        self._progress_entry = None
+        self._progress = None
         with self._lock:
-            running = [w for w in self._watches.values() if w.state not in (_NEW, _DONE)]
+            running = [e.watch for e in self._entries.values() if e.state not in (_NEW, _DONE)]
         if not running:
             return
         now = time.monotonic()
@@ -823,128 +545,165 @@ class DispatchMonitor:
             f"{len(running)} dispatch(es) still running; longest: {oldest.ticket_id} "
             f"after {now - oldest.started:.0f}s"
         )
-        self._progress_entry = self._schedule(now + PROGRESS_EVERY_S, self._progress, None)
+        self._progress = self._timers.schedule(now + PROGRESS_EVERY_S, self._progress_line, None)
 
-    def _unwatch_leader(self, w: _Watch) -> None:
-        if w.token:
-            self._unregister(w.token)
-            w.token = 0
-        w.watching = False
+    def _exited(self, entry: _Entry, pins: list[Pin]) -> None:
+        if entry.state == _RUNNING:
+            self._natural(entry)
+        elif entry.state == _STOPPING and entry.stop is not None:
+            entry.stop.exited(pins, time.monotonic())
+            self._sync(entry)
 
-    def _exited(self, owner: _Owner, pin: Pin) -> None:
-        if isinstance(owner, _Watch):
-            owner.watching = False
-            if owner.state == _RUNNING:
-                self._natural(owner)
-            elif owner.stop is not None and not owner.stop.done:
-                self._member_gone(owner.stop, pin)
-        elif not owner.done:
-            self._member_gone(owner, pin)
-
-    def _poll_owner(self, owner: _Owner) -> None:
-        """Polling path: check pins without pidfd, with a doubling backoff."""
-        now = time.monotonic()
-        if isinstance(owner, _Watch):
-            w = owner
-            leader = w.leader
-            if not w.watching or leader is None or w.state not in (_RUNNING, _STOPPING):
-                return
-            if leader.status is None and not leader.exited():
-                w.step = min(w.step * 2, MAX_STEP_S)
-                self._schedule(now + w.step, self._poll_owner, w)
-                return
-            if leader.status is None:
-                leader.collect()
-            self._exited(w, leader)
+    def _natural(self, entry: _Entry) -> None:
+        """The leader exited by itself (or was reaped before the watch)."""
+        self._timers.cancel(entry.wake_timer)
+        entry.wake_timer = None
+        self._unregister_all(entry)
+        w = entry.watch
+        other = None if w.leader is None else ONGOING.get(w.leader)
+        if other is not None:  # another call is stopping it: report that stop
+            entry.state = _ENDING
+            w.reason, entry.ongoing = other
+            entry.ongoing.add_done_callback(lambda _f: self._post(_CMD_OTHER_STOP, entry))
             return
-        stop = owner
-        if stop.done:
-            stop.polling = False
+        entry.state = _ENDING
+        self._ending.append(entry)
+
+    def _other_stop_done(self, entry: _Entry) -> None:
+        assert entry.ongoing is not None
+        self._complete(entry, finish(entry.watch, entry.ongoing.result()))
+
+    def _sweep(self) -> None:
+        """Natural ends of one turn: one scan says which sessions still have members."""
+        batch, self._ending = self._ending, []
+        sids = {e.watch.sid for e in batch if needs_sweep(e.watch) and e.watch.sid is not None}
+        for entry in batch:
+            collect_leader(entry.watch)
+        try:
+            busy = sessions_in_use(self._backend, sids) if sids else set()
+        except Exception as exc:  # cannot tell: look at each session on its own
+            self._log.warning(f"ralph-reaper: session scan failed ({exc!r})")
+            busy = sids
+        for entry in batch:
+            if entry.state == _ENDING:
+                self._safely(entry, self._sweep_one, entry, busy)
+
+    def _sweep_one(self, entry: _Entry, busy: set[int]) -> None:
+        w = entry.watch
+        stop = sweep_for(w) if w.sid in busy else None
+        if stop is None:
+            self._complete(entry, finish(w, not_running()))
             return
-        gone = [p for p in stop.slow if p.status is not None or p.exited()]
-        if gone:
-            stop.slow = [p for p in stop.slow if p not in gone]
-        if stop.slow:
-            stop.step = min(stop.step * 2, MAX_STEP_S)
-            self._schedule(now + stop.step, self._poll_owner, stop)
-        else:
-            stop.polling = False
-        for pin in gone:
-            if not stop.done:
-                self._member_gone(stop, pin)
+        entry.sweeping = True
+        self._run_stop(entry, stop)
 
-    def _deadline(self, w: _Watch) -> None:
-        w.deadline_entry = None
-        if w.state == _RUNNING:
-            self._start_stop(w, "timeout")
+    # ------------------------------------------------------------------ stops
 
-    def _idle_tick(self, w: _Watch) -> None:
-        if w.state != _RUNNING or w.idle is None:
+    def _start_stop(self, entry: _Entry, reason: str) -> None:
+        self._timers.cancel(entry.wake_timer)
+        entry.wake_timer = None
+        stop = stop_for(entry.watch, reason)
+        if stop is None:  # it ended as time ran out
+            self._natural(entry)
             return
-        if w.idle.idle_for() >= w.idle_s:
-            self._start_stop(w, "idle")
-        else:
-            self._schedule(time.monotonic() + _idle_sample_s(w.idle_s), self._idle_tick, w)
+        self._unregister_all(entry)  # the stop awaits the leader among its members
+        leader = entry.watch.leader
+        if leader is not None:
+            entry.ongoing = ONGOING.begin(leader, reason)
+        self._run_stop(entry, stop)
 
-    def _terminate(self, w: _Watch) -> None:
-        if w.state == _RUNNING:
-            self._start_stop(w, "terminate")
-        elif w.state in (_STOPPING, _SWEEPING) and w.stop is not None:
-            stop = w.stop
-            if not stop.done and stop.stage in ("eof", "sigterm"):  # skip the rest of the grace
-                self._cancel_entry(stop.entry)
-                stop.entry = None
-                self._stage_due(stop)
+    def _run_stop(self, entry: _Entry, stop: Stop) -> None:
+        entry.state = _STOPPING
+        entry.stop = stop
+        stop.begin(time.monotonic())
+        self._sync(entry)
 
-    def _cancel(self, w: _Watch) -> None:
+    def _sync(self, entry: _Entry) -> None:
+        """After the stop acted: watch its new pins, (re)arm its deadline, or complete."""
+        stop = entry.stop
+        assert stop is not None
+        for pin in stop.take_new():
+            self._register(entry, pin)
+        if stop.outcome is not None:
+            self._stop_done(entry, stop.outcome)
+            return
+        timer = entry.stop_timer
+        if timer is None or timer[0] != stop.deadline or timer[2] is None:
+            self._timers.cancel(timer)
+            entry.stop_timer = self._timers.schedule(stop.deadline, self._stop_due, entry)
+
+    def _stop_due(self, entry: _Entry) -> None:
+        entry.stop_timer = None
+        if entry.state == _STOPPING and entry.stop is not None:
+            entry.stop.due(time.monotonic())
+            self._sync(entry)
+
+    def _stop_done(self, entry: _Entry, outcome: StopOutcome) -> None:
+        self._timers.cancel(entry.stop_timer)
+        entry.stop_timer = None
+        self._unregister_all(entry)
+        w = entry.watch
+        if entry.sweeping:
+            outcome = not_running(outcome)
+        elif entry.ongoing is not None and w.leader is not None:
+            ONGOING.end(w.leader, entry.ongoing, outcome)
+        entry.stop = None
+        self._complete(entry, finish(w, outcome))
+
+    def _terminate(self, entry: _Entry) -> None:
+        if entry.state == _RUNNING:
+            self._start_stop(entry, "terminate")
+        elif entry.state == _STOPPING and entry.stop is not None:
+            stop = entry.stop
+            if not stop.done and stop.plan.stage in ("eof", "sigterm"):
+                stop.due(time.monotonic())  # skip the rest of the grace
+                self._sync(entry)
+
+    # ------------------------------------------------------------------ endings
+
+    def _cancel(self, entry: _Entry) -> None:
         """The future was cancelled: stop watching (only before any stop began)."""
-        if w.state == _NEW:
-            w.state = _DONE
-            self._drop(w)
-        elif w.state == _RUNNING:
-            self._abandon(w)
+        if entry.state == _NEW:
+            entry.state = _DONE
+            self._drop(entry)
+        elif entry.state == _RUNNING:
+            self._abandon(entry)
 
-    def _abandon(self, w: _Watch) -> None:
+    def _abandon(self, entry: _Entry) -> None:
         """Stop watching a running dispatch: nothing is signalled; its future is cancelled."""
-        self._unwatch_leader(w)
-        self._cancel_entry(w.deadline_entry)
-        w.deadline_entry = None
-        w.state = _DONE
+        self._unregister_all(entry)
+        self._timers.cancel(entry.wake_timer)
+        entry.wake_timer = None
+        entry.state = _DONE
         self._active -= 1
-        self._drop(w)
+        self._drop(entry)
 
-    def _drop(self, w: _Watch) -> None:
-        """Forget a watch whose future is (to be) cancelled; close its pin."""
-        if w.leader is not None:
-            w.leader.close()
-        future = w.future
-        self._forget(w)
+    def _drop(self, entry: _Entry) -> None:
+        """Forget an entry whose future is (to be) cancelled; close its pin."""
+        if entry.watch.leader is not None:
+            entry.watch.leader.close()
+            entry.watch.leader = None
+        future = entry.future
+        self._forget(entry)
         if future is not None:
             future.cancel()
             with contextlib.suppress(RuntimeError):
                 future.set_running_or_notify_cancel()  # wakes wait()/as_completed()
 
-    def _forget(self, w: _Watch) -> None:
+    def _forget(self, entry: _Entry) -> None:
         with self._lock:
-            if self._watches.get(w.pid) is w:
-                del self._watches[w.pid]
-        w.future = None
-        w.leader = None
-        w.dispatch = None
-        w.idle = None
-        w.stop = None
-        w.monitor = None
+            if self._entries.get(entry.watch.pid or 0) is entry:
+                del self._entries[entry.watch.pid or 0]
+        entry.future = None
+        entry.stop = None
+        entry.monitor = None
 
-    def _complete(self, w: _Watch, result: DispatchCompletionResult) -> None:
-        result.duration_ms = (time.monotonic() - w.started) * 1000.0
-        if w.state != _DONE:
-            w.state = _DONE
+    def _complete(self, entry: _Entry, result: DispatchCompletionResult) -> None:
+        if entry.state != _DONE:
+            entry.state = _DONE
             self._active -= 1
-        future = w.future
-        self._forget(w)
-        self._log.info(
-            f"Dispatch of {result.ticket_id} ended: {result.status.value} ({result.return_code})"
-        )
+        future = entry.future
+        self._forget(entry)
         if future is None:
             return
         try:
@@ -956,308 +715,51 @@ class DispatchMonitor:
     def _begin_close(self, terminate: bool) -> None:
         self._close_mode = terminate
         with self._lock:
-            watches = list(self._watches.values())
-        for w in watches:
-            if w.state == _RUNNING:
+            entries = list(self._entries.values())
+        for entry in entries:
+            if entry.state == _RUNNING:
                 if terminate:
-                    self._safely(w, self._start_stop, w, "close")
+                    self._safely(entry, self._start_stop, entry, "close")
                 else:
-                    self._safely(w, self._abandon, w)
-            elif w.state == _NEW:  # cannot happen: commands are taken in order
-                w.state = _DONE
-                self._drop(w)
+                    self._safely(entry, self._abandon, entry)
 
-    def _safely(self, w: Optional[_Watch], fn: Callable[..., None], *args: Any) -> None:
+    def _safely(self, entry: Optional[_Entry], fn: Callable[..., None], *args: Any) -> None:
         """Run one step for one dispatch: an unexpected error fails that dispatch only."""
         try:
             fn(*args)
         except Exception as exc:
-            if w is None:
+            if entry is None:
                 raise
-            self._fail(w, exc)
+            self._fail(entry, exc)
 
-    def _fail(self, w: _Watch, exc: Exception) -> None:
-        if w.state == _DONE:
+    def _fail(self, entry: _Entry, exc: Exception) -> None:
+        if entry.state == _DONE:
             return
+        w = entry.watch
         self._log.error(f"DispatchMonitor: watching dispatch of {w.ticket_id} failed: {exc!r}")
-        stop = w.stop
-        if stop is not None and not stop.done:
-            stop.done = True
-            self._cancel_entry(stop.entry)
-            for token in stop.tokens:
-                self._unregister(token)
-            stop.members.close()
-        self._unwatch_leader(w)
-        self._cancel_entry(w.deadline_entry)
-        w.deadline_entry = None
-        if w.leader is not None:
-            w.leader.close()
-        result = DispatchCompletionResult(
-            **w.base(),
-            status=DispatchCompletionStatus.ERROR,
-            termination_method="failed" if w.reason else "natural",
-            error=f"monitor error: {exc!r}",
-        )
-        self._complete(w, result)
+        self._release_entry(entry)
+        result = w.error(f"monitor error: {exc!r}")
+        result.termination_method = "failed" if w.reason else "natural"
+        self._complete(entry, result)
+
+    def _release_entry(self, entry: _Entry) -> None:
+        self._unregister_all(entry)
+        self._timers.cancel(entry.wake_timer)
+        self._timers.cancel(entry.stop_timer)
+        if entry.stop is not None and not entry.stop.done:
+            entry.stop.members.close()
+        if entry.watch.leader is not None:
+            entry.watch.leader.close()
+            entry.watch.leader = None
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
-            watches = list(self._watches.values())
+            entries = list(self._entries.values())
             self._closing = True
         error = RuntimeError(f"DispatchMonitor thread failed: {exc!r}")
-        for w in watches:
-            if w.stop is not None:
-                w.stop.members.close()
-            if w.leader is not None:
-                w.leader.close()
-            future = w.future
-            self._forget(w)
+        for entry in entries:
+            self._release_entry(entry)
+            future = entry.future
+            self._forget(entry)
             if future is not None and future.set_running_or_notify_cancel():
                 future.set_exception(error)
-
-    # ------------------------------------------------------------------ natural ends
-
-    def _natural(self, w: _Watch) -> None:
-        """The leader exited by itself (or was reaped before the watch): sweep its session."""
-        self._cancel_entry(w.deadline_entry)
-        w.deadline_entry = None
-        self._unwatch_leader(w)
-        w.state = _ENDING
-        self._ending.append(w)
-
-    def _sweep(self) -> None:
-        batch, self._ending = self._ending, []
-        sids = {w.sid for w in batch if w.sid is not None and w.stop_leftovers}
-        try:
-            busy = _sessions_in_use(self._backend, sids) if sids else set()
-        except Exception as exc:  # cannot tell: look at each session on its own
-            self._log.warning(f"ralph-reaper: session scan failed ({exc!r})")
-            busy = sids
-        for w in batch:
-            if w.state == _ENDING:
-                self._safely(w, self._sweep_one, w, busy)
-
-    def _sweep_one(self, w: _Watch, busy: set[int]) -> None:
-        outcome: Optional[StopOutcome] = None
-        if w.sid is not None and w.stop_leftovers and w.sid in busy:
-            members = Members(self._backend, None, "session", session=w.sid)
-            if members.discover() and members.live():
-                self._log.info(f"pid {w.pid} exited; stopping what it left in its session {w.sid}")
-                stop = _Stop(w, members, leftovers=True)
-                w.stop = stop
-                w.state = _SWEEPING
-                self._stage(stop, "sigterm")
-                return
-            outcome = _finish(members, True, "not_running", set(), {})
-        self._complete_natural(w, outcome or StopOutcome(True, "not_running"))
-
-    def _complete_natural(self, w: _Watch, outcome: StopOutcome) -> None:
-        self._complete(w, _natural_end(w, outcome))
-
-    # ------------------------------------------------------------------ stops
-
-    def _start_stop(self, w: _Watch, reason: str) -> None:
-        leader = w.leader
-        assert leader is not None
-        if leader.status is not None or leader.exited():  # it ended as time ran out
-            if leader.status is None:
-                leader.collect()
-            self._natural(w)
-            return
-        self._cancel_entry(w.deadline_entry)
-        w.deadline_entry = None
-        w.reason = reason
-        if reason == "timeout":
-            self._log.warning(
-                f"Dispatch of {w.ticket_id} timed out after {w.limit_s * 1000.0:.0f}ms; stopping it"
-            )
-        elif reason == "idle":
-            self._log.warning(
-                f"Dispatch of {w.ticket_id} idle for {w.idle_s * 1000.0:.0f}ms; stopping it"
-            )
-        else:
-            self._log.info(f"Stopping dispatch of {w.ticket_id} (pid {w.pid}): {reason}")
-        if w.dispatch is not None and w.dispatch.containment == "keeper":
-            self._hand_off(w)
-            return
-        members = Members(self._backend, leader, "session")
-        stop = _Stop(w, members, leftovers=False)
-        w.stop = stop
-        w.state = _STOPPING
-        members.discover()
-        dispatch = w.dispatch
-        if dispatch is not None and EOF_WAIT_S > 0 and dispatch.send_eof():
-            self._stage(stop, "eof")
-        else:
-            self._stage(stop, "sigterm")
-
-    def _stage(self, stop: _Stop, name: str) -> None:
-        now = time.monotonic()
-        stop.stage = name
-        stop.t0 = now
-        if name == "eof":
-            stop.members.discover()
-            wait_s = EOF_WAIT_S
-        elif name == "sigterm":
-            self._send(stop, signal.SIGTERM, signal.SIGCONT)
-            wait_s = stop.watch.grace_s
-        else:
-            stop.kill_round = 1
-            self._send(stop, signal.SIGKILL)
-            wait_s = KILL_WAIT_S
-        self._track(stop)
-        stop.entry = self._schedule(now + wait_s, self._stage_due, stop)
-        if not stop.waiting:
-            self._settled(stop)
-
-    def _send(self, stop: _Stop, *sigs: int) -> None:
-        members = stop.members
-        members.discover()
-        live = members.live()
-        for sig in sigs:
-            stop.signalled.update(p.pid for p in live if p.signal(sig))
-
-    def _track(self, stop: _Stop) -> None:
-        """Await the exit of every pin found since the last call (epoll, else polling)."""
-        pins = list(stop.members.pins.values())
-        leader = None if stop.leftovers else stop.watch.leader
-        for pin in pins[stop.ntracked :]:
-            if pin is leader:  # its exit comes through the watch's own registration
-                if stop.watch.watching:
-                    stop.waiting.add(pin)
-                continue
-            if pin.status is not None or pin.exited():
-                continue  # a zombie: _finish reaps it if it is ours
-            stop.waiting.add(pin)
-            token = self._register(stop, pin)
-            if token:
-                stop.tokens.append(token)
-                continue
-            stop.slow.append(pin)
-            if not stop.polling:
-                stop.polling = True
-                stop.step = FIRST_STEP_S
-                self._schedule(time.monotonic() + stop.step, self._poll_owner, stop)
-        stop.ntracked = len(pins)
-
-    def _member_gone(self, stop: _Stop, pin: Pin) -> None:
-        stop.waiting.discard(pin)
-        if not stop.waiting:
-            self._settled(stop)
-
-    def _settled(self, stop: _Stop) -> None:
-        """Every awaited member has exited: the stage succeeded (after SIGKILL: look again)."""
-        while not stop.done and not stop.waiting:
-            elapsed_ms = (time.monotonic() - stop.t0) * 1000.0
-            if stop.stage in ("eof", "sigterm"):
-                # Look once more: a member may have forked between the last
-                # discovery and the signal. New ones get this stage's treatment
-                # (bounded by the stage's timer like the rest).
-                if stop.members.discover():
-                    if stop.stage == "sigterm":
-                        self._send(stop, signal.SIGTERM, signal.SIGCONT)
-                    self._track(stop)
-                    continue
-                stop.stage_ms[stop.stage] = elapsed_ms
-                stop.method = stop.stage
-                self._finish_stop(stop, True)
-                return
-            if not stop.members.discover():
-                stop.stage_ms["sigkill"] = elapsed_ms
-                stop.method = "sigkill"
-                self._finish_stop(stop, True)
-                return
-            if stop.kill_round >= KILL_ROUNDS:  # it keeps forking: give up as stopping does
-                self._give_up(stop)
-                return
-            stop.kill_round += 1
-            self._send(stop, signal.SIGKILL)
-            self._track(stop)
-
-    def _stage_due(self, stop: _Stop) -> None:
-        """The current stage ran out of time: escalate (or give up after SIGKILL)."""
-        stop.entry = None
-        if stop.done:
-            return
-        stop.stage_ms[stop.stage] = (time.monotonic() - stop.t0) * 1000.0
-        if stop.stage == "eof":
-            self._stage(stop, "sigterm")
-        elif stop.stage == "sigterm":
-            self._stage(stop, "sigkill")
-        else:
-            self._give_up(stop)
-
-    def _give_up(self, stop: _Stop) -> None:
-        stop.stage_ms["sigkill"] = (time.monotonic() - stop.t0) * 1000.0
-        stop.method = "failed"
-        survivors = [p.pid for p in stop.members.live()]
-        self._log.error(f"stop failed: members survive SIGKILL: {survivors}")
-        self._finish_stop(stop, False)
-
-    def _finish_stop(self, stop: _Stop, done: bool) -> None:
-        stop.done = True
-        self._cancel_entry(stop.entry)
-        stop.entry = None
-        for token in stop.tokens:
-            self._unregister(token)
-        stop.tokens = []
-        stop.slow = []
-        stop.waiting.clear()
-        w = stop.watch
-        if not stop.leftovers:
-            self._unwatch_leader(w)
-        outcome = _finish(stop.members, done, stop.method, stop.signalled, stop.stage_ms)
-        w.stop = None
-        if stop.leftovers:
-            outcome.method = "not_running"
-            outcome.success = not outcome.survivors
-            self._complete_natural(w, outcome)
-            return
-        w.leader = None  # closed by _finish, its exit remembered
-        if w.dispatch is not None and not outcome.survivors:
-            REGISTRY.release(w.pid)
-        self._complete(w, stopped_result(w.base(), outcome, w.reason or "terminate", _limit(w)))
-
-    # ------------------------------------------------------------------ keeper stops
-
-    def _hand_off(self, w: _Watch) -> None:
-        """Keeper containment: the keeper runs the sequence; ask and wait in a worker."""
-        self._unwatch_leader(w)
-        w.state = _HANDED
-        self._handed += 1
-        if self._pool is None:
-            self._pool = cf.ThreadPoolExecutor(
-                max_workers=self._max_workers, thread_name_prefix="ralph-reaper-stop"
-            )
-        job = self._pool.submit(
-            _blocking_terminate,
-            w.pid,
-            session_id=w.session_id or None,
-            logger=self._log,
-            kill_wait_ms=w.grace_s * 1000.0,
-            leader=w.leader,
-        )
-        job.add_done_callback(lambda done: self._post(_CMD_HANDED, (w, done)))
-
-    def _handed_back(self, w: _Watch, job: cf.Future[StopOutcome]) -> None:
-        self._handed -= 1
-        base = w.base()
-        try:
-            outcome = job.result()
-        except Exception as exc:
-            if w.leader is not None:
-                w.leader.close()
-            self._log.error(f"stopping dispatch of {w.ticket_id} failed: {exc!r}")
-            result = DispatchCompletionResult(
-                **base,
-                status=DispatchCompletionStatus.ERROR,
-                termination_method="failed",
-                error=f"stop failed: {exc}",
-            )
-            self._complete(w, result)
-            return
-        if outcome.method == "not_running":
-            result = _ended(base, outcome, outcome.leader_status, w.pid)
-        else:
-            result = stopped_result(base, outcome, w.reason or "terminate", _limit(w))
-        self._complete(w, result)

@@ -14,8 +14,7 @@ import resource
 import threading
 from typing import Optional
 
-from .backends.base import Backend
-from .exitstatus import ExitStatus
+from .backends.base import Backend, ExitStatus
 
 _log = logging.getLogger("ralph_reaper")
 _nofile_raised = False
@@ -146,7 +145,7 @@ class Pin:
                     self.status = ExitStatus(raw)
                 return self.status
             if reaped is not None:
-                self.status = ExitStatus(reaped.status, reaped.rusage)
+                self.status = reaped
                 self.reaped = True
             return self.status
         return self._collect_polling()
@@ -172,7 +171,7 @@ class Pin:
         except ChildProcessError:
             return
         if got is not None:
-            self.status = ExitStatus(got.status, got.rusage)
+            self.status = got
             self.reaped = True
 
     def _zombie_code(self) -> Optional[int]:
@@ -195,7 +194,7 @@ class Pin:
                 self.status = ExitStatus(raw)
             return self.status
         if reaped is not None:
-            self.status = ExitStatus(reaped.status, reaped.rusage)
+            self.status = reaped
         return self.status
 
     def close(self) -> None:

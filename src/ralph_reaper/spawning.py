@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import select
 import subprocess
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import IO, Any, Optional, Union
 
 from .backends import get as get_backend
 from .dispatches import REGISTRY, Dispatch
+from .keeper_client import KeeperLink, keeper_argv
 from .keeper_path import keeper_path
 from .results import DispatchResult
 from .validation import check_ms
 
 StdioTarget = Union[None, str, "os.PathLike[str]", int, IO[Any]]
 STDIN_KINDS = ("pipe", "pty", "devnull", "inherit")
-#: How long spawn_dispatch waits for the keeper to say whether the command started.
-START_WAIT_S = 10.0
 
 
 def _check_argv(argv: Sequence[Any]) -> list[str]:
@@ -140,22 +136,16 @@ def spawn_dispatch(
             own += [report_w, control_r]
             report_fd, control_fd = report_r, control_w
             pass_fds = (report_w, control_r)
-            launch = [
+            launch = keeper_argv(
                 keeper,
-                "--report-fd",
-                str(report_w),
-                "--control-fd",
-                str(control_r),
-                "--grace-ms",
-                str(int(grace_ms)),
-            ]
-            if die_with_parent:
-                launch += ["--die-with-parent", "--parent-pid", str(os.getpid())]
-            if exit_file is not None:
-                launch += ["--exit-file", os.fspath(exit_file)]
-            if timeout_ms > 0:  # the keeper enforces it even if nobody waits
-                launch += ["--timeout-ms", str(int(timeout_ms))]
-            launch += ["--", *args]
+                report_fd=report_w,
+                control_fd=control_r,
+                grace_ms=grace_ms,
+                parent_pid=os.getpid() if die_with_parent else None,
+                exit_file=None if exit_file is None else os.fspath(exit_file),
+                timeout_ms=timeout_ms,
+                command=args,
+            )
         else:
             launch = args
         try:
@@ -191,16 +181,17 @@ def spawn_dispatch(
         popen=popen,
         stdin_kind=stdin,
         stdin_fd=stdin_fd,
-        report_fd=report_fd,
-        control_fd=control_fd,
-        command_pid=None if keeper is not None else popen.pid,
+        keeper=None
+        if report_fd is None or control_fd is None
+        else KeeperLink(report_fd, control_fd),
         timeout_ms=timeout_ms,
         idle_timeout_ms=idle_timeout_ms,
         output_paths=_output_paths(stdout, stderr),
     )
-    if report_fd is not None:
-        os.set_blocking(report_fd, False)
-        problem = _await_start(dispatch, args[0])
+    if dispatch.keeper is not None:
+        problem = dispatch.keeper.await_start(
+            popen.wait, lambda code: _launch_error(args[0], OSError(code, os.strerror(code)))
+        )
         if problem is not None:
             popen.wait()
             dispatch.close()
@@ -215,25 +206,3 @@ def _launch_error(program: str, exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM):
         return f"cannot execute {program}: {exc.strerror}"
     return f"cannot start {program}: {exc.strerror or exc}"
-
-
-def _await_start(dispatch: Dispatch, program: str) -> Optional[str]:
-    """Wait for the keeper to say the command was exec'd; the error text if it was not."""
-    assert dispatch.report_fd is not None
-    deadline = time.monotonic() + START_WAIT_S
-    while True:
-        dispatch.read_reports()
-        if dispatch.command_pid is not None:
-            return None
-        report = dispatch.final_report
-        if report is not None:
-            code = int(report.get("exec_errno") or 0)
-            if code:
-                return _launch_error(program, OSError(code, os.strerror(code)))
-            return "the keeper exited before starting the command: " + json.dumps(report)
-        if dispatch.report_eof:  # the keeper is gone and said nothing useful
-            return f"the keeper exited with status {dispatch.popen.wait()}"
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return "the keeper did not report the start of the command in time"
-        select.select([dispatch.report_fd], [], [], min(left, 0.05))

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from .exitstatus import ExitStatus
+from .backends.base import ExitStatus
 from .pins import Pin
 
 FIRST_STEP_S = 0.0001

@@ -11,6 +11,7 @@ Errors are raised as ``OSError`` with the kernel's errno, so callers can treat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -26,11 +27,29 @@ class Rusage:
 
 
 @dataclass(frozen=True)
-class Reaped:
-    """A wait status (``waitpid`` encoding) and, where the backend can get it, rusage."""
+class ExitStatus:
+    """A wait status (``waitpid`` encoding) plus rusage when the backend had it.
+
+    The one exit type of the package: backends return it, pins keep it, results
+    are built from it, so the decoding below exists once.
+    """
 
     status: int
     rusage: Optional[Rusage] = None
+
+    @property
+    def signal(self) -> Optional[int]:
+        return os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else None
+
+    @property
+    def return_code(self) -> int:
+        """``subprocess`` convention: the exit status, or ``-N`` for death by signal N."""
+        sig = self.signal
+        return -sig if sig is not None else os.WEXITSTATUS(self.status)
+
+    @property
+    def core_dumped(self) -> bool:
+        return os.WIFSIGNALED(self.status) and os.WCOREDUMP(self.status)
 
 
 @dataclass(frozen=True)
@@ -96,7 +115,7 @@ class Backend(Protocol):
         """Signal each fd; return per-fd 0 or errno (never raises for one fd's failure)."""
         ...
 
-    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[Reaped]:
+    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[ExitStatus]:
         """Reap the child behind ``fd``: None when it has not exited yet.
 
         Raises ``ChildProcessError`` when the process is not our child (or was

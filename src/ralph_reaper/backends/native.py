@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from ralph_reaper import _native
-from ralph_reaper.backends.base import DrainEvent, ProcStat, Reaped, Rusage
+from ralph_reaper.backends.base import DrainEvent, ExitStatus, ProcStat, Rusage
 
 ffi: Any = _native.ffi
 lib: Any = _native.lib
@@ -168,7 +168,7 @@ class NativeBackend:
         _check(lib.rr_pidfd_send_signal_many(c_fds, n, sig, errs))
         return [-e for e in ffi.unpack(errs, n)]
 
-    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[Reaped]:
+    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[ExitStatus]:
         status = ffi.new("int *")
         rusage = ffi.new("struct rr_rusage *")
         while True:
@@ -177,7 +177,7 @@ class NativeBackend:
                 break
         if _check(r) == 0:
             return None
-        return Reaped(status=int(status[0]), rusage=_rusage(rusage))
+        return ExitStatus(status=int(status[0]), rusage=_rusage(rusage))
 
     def pidfd_exit_status(self, fd: int) -> Optional[int]:
         status = ffi.new("int *")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn, Optional
 
 from ._stdlib_ops import StdlibProcOps
-from .base import EpollSet, Reaped, Rusage
+from .base import EpollSet, ExitStatus, Rusage
 
 
 def _no_pidfd() -> NoReturn:
@@ -35,7 +35,7 @@ class PollingBackend(StdlibProcOps):
     def pidfd_send_signal_many(self, fds: Sequence[int], sig: int) -> list[int]:
         _no_pidfd()
 
-    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[Reaped]:
+    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[ExitStatus]:
         _no_pidfd()
 
     def pidfd_exit_status(self, fd: int) -> Optional[int]:
@@ -48,7 +48,7 @@ class PollingBackend(StdlibProcOps):
         _no_pidfd()
 
 
-def wait4_nohang(pid: int) -> Optional[Reaped]:
+def wait4_nohang(pid: int) -> Optional[ExitStatus]:
     """Reap ``pid`` if it is our exited child; None while it runs.
 
     Raises ``ChildProcessError`` when it is not our child. Only call it for a
@@ -63,4 +63,4 @@ def wait4_nohang(pid: int) -> Optional[Reaped]:
         break
     if got == 0:
         return None
-    return Reaped(status, Rusage(ru.ru_utime, ru.ru_stime, int(ru.ru_maxrss)))
+    return ExitStatus(status, Rusage(ru.ru_utime, ru.ru_stime, int(ru.ru_maxrss)))

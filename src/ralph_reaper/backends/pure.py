@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ._stdlib_ops import StdlibProcOps
-from .base import DrainEvent, Reaped
+from .base import DrainEvent, ExitStatus
 
 # PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info) with the 64-byte first version.
 PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
@@ -52,7 +52,7 @@ def pidfd_exit_status(fd: int) -> Optional[int]:
     return int(code)
 
 
-def waitid_pidfd(fd: int, nohang: bool = True) -> Optional[Reaped]:
+def waitid_pidfd(fd: int, nohang: bool = True) -> Optional[ExitStatus]:
     options = os.WEXITED | (os.WNOHANG if nohang else 0)
     while True:
         try:
@@ -62,7 +62,7 @@ def waitid_pidfd(fd: int, nohang: bool = True) -> Optional[Reaped]:
         break
     if info is None or info.si_pid == 0:
         return None
-    return Reaped(status_from_siginfo(info.si_code, info.si_status))
+    return ExitStatus(status_from_siginfo(info.si_code, info.si_status))
 
 
 class PureEpollSet:
@@ -130,7 +130,7 @@ class PureBackend(StdlibProcOps):
                 errs.append(0)
         return errs
 
-    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[Reaped]:
+    def waitid_pidfd(self, fd: int, nohang: bool = True) -> Optional[ExitStatus]:
         return waitid_pidfd(fd, nohang)
 
     def pidfd_exit_status(self, fd: int) -> Optional[int]:

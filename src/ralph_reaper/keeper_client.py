@@ -1,0 +1,179 @@
+"""The host's side of the keeper's protocol, in one place.
+
+The keeper (``csrc/keeper.c``) is started with two pipes: it writes JSON
+lines to the report pipe (``started``, ``command_exit``, ``exit``) and reads
+``stop <grace_ms>`` / ``kill`` lines from the control pipe. This module builds
+its command line, reads and decodes its reports, asks it to stop, and folds
+its final report into a stop outcome. Nothing else in the package knows the
+wire format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+from .backends.base import ExitStatus, Rusage
+
+#: How long spawning waits for the keeper to say whether the command started.
+START_WAIT_S = 10.0
+
+
+def keeper_argv(
+    keeper: str,
+    *,
+    report_fd: int,
+    control_fd: int,
+    grace_ms: float,
+    parent_pid: Optional[int],
+    exit_file: Optional[str],
+    timeout_ms: float,
+    command: Sequence[str],
+) -> list[str]:
+    """The keeper's command line (``parent_pid``: stop the tree when that process dies)."""
+    argv = [keeper, "--report-fd", str(report_fd), "--control-fd", str(control_fd)]
+    argv += ["--grace-ms", str(int(grace_ms))]
+    if parent_pid is not None:
+        argv += ["--die-with-parent", "--parent-pid", str(parent_pid)]
+    if exit_file is not None:
+        argv += ["--exit-file", exit_file]
+    if timeout_ms > 0:  # the keeper enforces it even if nobody waits
+        argv += ["--timeout-ms", str(int(timeout_ms))]
+    return [*argv, "--", *command]
+
+
+class KeeperLink:
+    """The two pipes to one keeper and what it has said so far."""
+
+    def __init__(self, report_fd: int, control_fd: int) -> None:
+        os.set_blocking(report_fd, False)
+        self.report_fd: Optional[int] = report_fd
+        self.control_fd: Optional[int] = control_fd
+        #: The command's pid, from the keeper's ``started`` line.
+        self.command_pid: Optional[int] = None
+        #: The keeper's last line (``exit``): how the run ended, as only it saw.
+        self.final_report: Optional[dict[str, Any]] = None
+        #: The report pipe reached EOF: the keeper is gone.
+        self.report_eof = False
+        self._buffer = b""
+        self._lock = threading.Lock()
+
+    def request_stop(self, grace_ms: float) -> bool:
+        """Ask the keeper to run its stop sequence; False if it cannot be asked."""
+        with self._lock:
+            fd = self.control_fd
+            if fd is None:
+                return False
+            try:
+                os.write(fd, f"stop {int(grace_ms)}\n".encode())
+            except OSError:
+                return False
+            return True
+
+    def read_reports(self) -> None:
+        """Take every complete line the keeper has written so far (never blocks)."""
+        with self._lock:
+            fd = self.report_fd
+            if fd is None:
+                return
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    break
+                if not chunk:
+                    self.report_eof = True
+                    break
+                self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                self._note(json.loads(line))
+
+    def _note(self, event: Any) -> None:
+        if not isinstance(event, dict):
+            return
+        kind = event.get("event")
+        if kind == "started" and isinstance(event.get("pid"), int):
+            self.command_pid = event["pid"]
+        elif kind == "exit":
+            self.final_report = event
+
+    def await_start(
+        self, exit_status: Callable[[], int], exec_error: Callable[[int], str]
+    ) -> Optional[str]:
+        """Wait until the command was exec'd: None, or why it was not.
+
+        ``exit_status`` gives the keeper's exit status once it has gone away;
+        ``exec_error`` words the errno of a failed exec.
+        """
+        deadline = time.monotonic() + START_WAIT_S
+        while True:
+            self.read_reports()
+            if self.command_pid is not None:
+                return None
+            report = self.final_report
+            if report is not None:
+                code = int(report.get("exec_errno") or 0)
+                if code:
+                    return exec_error(code)
+                return "the keeper exited before starting the command: " + json.dumps(report)
+            if self.report_eof:
+                return f"the keeper exited with status {exit_status()}"
+            left = deadline - time.monotonic()
+            if left <= 0 or self.report_fd is None:
+                return "the keeper did not report the start of the command in time"
+            select.select([self.report_fd], [], [], min(left, 0.05))
+
+    def close(self) -> None:
+        with self._lock:
+            fds = [self.report_fd, self.control_fd]
+            self.report_fd = self.control_fd = None
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def command_status(report: dict[str, Any]) -> Optional[ExitStatus]:
+    """The command's own exit (with core flag and rusage), from the final report.
+
+    The keeper mirrors the command's exit with core dumps off, so the host's
+    view of the keeper lacks the core flag; the report has the truth.
+    """
+    raw = report.get("status")
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        return None
+    return ExitStatus(
+        raw,
+        Rusage(
+            float(report.get("utime_s") or 0.0),
+            float(report.get("stime_s") or 0.0),
+            int(report.get("maxrss_kb") or 0),
+        ),
+    )
+
+
+def report_survivors(report: dict[str, Any]) -> list[int]:
+    survivors = report.get("survivors")
+    if not isinstance(survivors, list):
+        return []
+    return [p for p in survivors if isinstance(p, int) and not isinstance(p, bool)]
+
+
+def report_stage_ms(report: dict[str, Any]) -> dict[str, float]:
+    stages = report.get("stage_ms")
+    if not isinstance(stages, dict):
+        return {}
+    return {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float))}
