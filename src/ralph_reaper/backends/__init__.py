@@ -7,6 +7,7 @@ than silently running with weaker guarantees.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import threading
@@ -41,9 +42,19 @@ def _pidfd_problem() -> Optional[str]:
     return None
 
 
+def load_native() -> Any:
+    """The compiled C core, ``ralph_reaper._native`` (ImportError when it is not built).
+
+    Imported by name at run time: it is a binary that may be missing, and an
+    import statement naming it would make static tools see an import of the
+    whole package from here.
+    """
+    return importlib.import_module("ralph_reaper._native")
+
+
 def _native_problem() -> Optional[str]:
     try:
-        import ralph_reaper._native  # noqa: F401
+        load_native()
     except ImportError as exc:
         return f"the C extension ralph_reaper._native is not built ({exc})"
     return _pidfd_problem()

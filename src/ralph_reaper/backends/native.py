@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from ralph_reaper import _native
-from ralph_reaper.backends.base import DrainEvent, ExitStatus, ProcStat, Rusage
+from . import load_native
+from .base import DrainEvent, ExitStatus, ProcStat, Rusage
 
+_native = load_native()
 ffi: Any = _native.ffi
 lib: Any = _native.lib
 
