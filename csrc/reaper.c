@@ -510,26 +510,6 @@ int rr_pidfd_exit_status(int pidfd, int *status)
 
 /* ---- readiness ----------------------------------------------------------- */
 
-int rr_poll_readable(int fd, int timeout_ms)
-{
-    struct pollfd p;
-    int r;
-
-    if (fd < 0)
-        return -EBADF;
-    p.fd = fd;
-    p.events = POLLIN;
-    p.revents = 0;
-    r = poll(&p, 1, timeout_ms < 0 ? -1 : timeout_ms);
-    if (r < 0)
-        return neg_errno(); /* -EINTR included: the caller retries */
-    if (r == 0)
-        return 0;
-    if (p.revents & POLLNVAL)
-        return -EBADF;
-    return (p.revents & (POLLIN | POLLHUP | POLLERR)) ? 1 : 0;
-}
-
 #define RR_POLL_STACK 64
 
 int rr_poll_many(const int *fds, int n, int timeout_ms, unsigned char *ready)

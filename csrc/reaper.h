@@ -37,8 +37,6 @@ int rr_waitid_pidfd(int pidfd, int nohang, int *status, struct rr_rusage *rusage
 /* PIDFD_GET_INFO with PIDFD_INFO_EXIT: 1 and *status set, 0 when the kernel has
    no exit information (yet, or not supported: -ENOTTY/-EINVAL mapped to 0), -errno. */
 int rr_pidfd_exit_status(int pidfd, int *status);
-/* poll(2) one fd for POLLIN: 1 readable, 0 timed out, -errno.  timeout_ms < 0 waits forever. */
-int rr_poll_readable(int fd, int timeout_ms);
 /* poll(2) many fds: ready[i] = 1 when fds[i] is readable; returns the count ready. */
 int rr_poll_many(const int *fds, int n, int timeout_ms, unsigned char *ready);
 
