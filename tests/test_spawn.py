@@ -76,6 +76,18 @@ def test_a_command_that_cannot_start_is_a_failed_result(backend: str, tmp_path: 
     assert "cannot execute" in (denied.error or "")
 
 
+def test_an_output_file_that_cannot_be_opened_is_a_failed_result(
+    backend: str, tmp_path: Path
+) -> None:
+    # A log directory that does not exist yet: a launch failure, not an exception.
+    log = tmp_path / "logs" / "pt-1.log"
+    result = spawn_dispatch(["sh", "-c", "exit 0"], ticket_id="pt-1", stdout=log)
+    assert result.status == "failed"
+    assert result.pid is None
+    assert "cannot open stdout" in (result.error or "")
+    assert not log.parent.exists()
+
+
 @pytest.mark.parametrize("bad", [[], "sh -c true", [1, 2], ["a\0b"]])
 def test_bad_argv_raises_and_starts_nothing(backend: str, bad: object) -> None:
     with pytest.raises((TypeError, ValueError)):

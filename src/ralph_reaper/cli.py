@@ -346,6 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, declared in one place (long, but only declarations)."""
     parser = argparse.ArgumentParser(
         prog="ralph-reaper",
         description="Supervise process trees: exact exit reporting, graceful stop, no leftovers.",

@@ -40,6 +40,8 @@ def collect_leader(w: Watch) -> Optional[ExitStatus]:
         if leader.status is not None:
             status = leader.status
             BOOK.remember(leader.pid, leader.starttime, leader.status)
+        else:  # reaped meanwhile by another call of this package, which remembered it
+            status = BOOK.lookup(w.backend, leader.pid) or status
         leader.close()
         w.leader = None
     w.known = status

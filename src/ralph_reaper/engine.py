@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -342,29 +343,44 @@ def not_running(outcome: Optional[StopOutcome] = None) -> StopOutcome:
 
 
 class Ongoing:
-    """Stops in progress by leader pid: a face that sees the leader die asks here first."""
+    """Stops by leader pid, in progress and recently ended.
+
+    A face that sees a leader die asks here first: if the package was stopping
+    it (from another call, thread or face), the result reports that stop. Ended
+    stops are kept for a while (bounded), because a slow waiter, the polling
+    backend's, may look only after the stop has reaped the leader. Entries carry
+    the leader's start time, so a new process with the same pid is not taken
+    for it.
+    """
+
+    MAX_ENDED = 1024
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_pid: dict[int, tuple[int, str, cf.Future[StopOutcome]]] = {}
+        self._live: dict[int, tuple[int, str, cf.Future[StopOutcome]]] = {}
+        self._ended: OrderedDict[int, tuple[int, str, cf.Future[StopOutcome]]] = OrderedDict()
 
     def begin(self, leader: Pin, reason: str) -> cf.Future[StopOutcome]:
         future: cf.Future[StopOutcome] = cf.Future()
         with self._lock:
-            self._by_pid[leader.pid] = (leader.starttime, reason, future)
+            self._live[leader.pid] = (leader.starttime, reason, future)
+            self._ended.pop(leader.pid, None)
         return future
 
     def end(self, leader: Pin, future: cf.Future[StopOutcome], outcome: StopOutcome) -> None:
-        with self._lock:
-            entry = self._by_pid.get(leader.pid)
-            if entry is not None and entry[2] is future:
-                del self._by_pid[leader.pid]
         if not future.done():
             future.set_result(outcome)
+        with self._lock:
+            entry = self._live.get(leader.pid)
+            if entry is not None and entry[2] is future:
+                del self._live[leader.pid]
+                self._ended[leader.pid] = entry
+                while len(self._ended) > self.MAX_ENDED:
+                    self._ended.popitem(last=False)
 
     def get(self, leader: Pin) -> Optional[tuple[str, cf.Future[StopOutcome]]]:
         with self._lock:
-            entry = self._by_pid.get(leader.pid)
+            entry = self._live.get(leader.pid) or self._ended.get(leader.pid)
         if entry is None or (entry[0] and leader.starttime and entry[0] != leader.starttime):
             return None
         return entry[1], entry[2]

@@ -55,7 +55,10 @@ def _open_output(target: StdioTarget, name: str, opened: list[int]) -> Any:
         return target
     if isinstance(target, (str, os.PathLike)):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        fd = os.open(target, flags, 0o644)
+        try:
+            fd = os.open(target, flags, 0o644)
+        except OSError as exc:
+            raise _OutputError(f"cannot open {name} {os.fspath(target)!r}: {exc.strerror}") from exc
         opened.append(fd)
         return fd
     if hasattr(target, "fileno"):
@@ -96,83 +99,54 @@ def spawn_dispatch(
     for this dispatch.
     """
     args = _check_argv(argv)
-    if not isinstance(ticket_id, str) or not ticket_id:
-        raise ValueError("ticket_id must be a non-empty string")
-    if stdin not in STDIN_KINDS:
-        raise ValueError(f"stdin must be one of {STDIN_KINDS}, not {stdin!r}")
-    timeout_ms = check_ms("timeout_ms", timeout_ms)
-    idle_timeout_ms = check_ms("idle_timeout_ms", idle_timeout_ms)
-    grace_ms = check_ms("grace_ms", grace_ms)
+    timeout_ms, idle_timeout_ms, grace_ms = _check_options(
+        ticket_id, stdin, timeout_ms=timeout_ms, idle_timeout_ms=idle_timeout_ms, grace_ms=grace_ms
+    )
     session_id = session_id or f"{ticket_id}-{uuid.uuid4().hex[:12]}"
 
     def failed(error: str) -> DispatchResult:
         return DispatchResult(session_id, ticket_id, "failed", None, error)
 
     keeper = keeper_path() if get_backend().name == "native" else None
-    own: list[int] = []  # fds to close in this process once the child has them
-    held: list[int] = []  # fds this process keeps (closed on failure)
+    fds = _Fds()
     try:
-        out = _open_output(stdout, "stdout", own)
-        err = _open_output(stderr, "stderr", own)
-        stdin_fd: Optional[int] = None
-        child_stdin: Any = None if stdin == "inherit" else subprocess.DEVNULL
-        if stdin == "pipe":
-            r, w = os.pipe2(os.O_CLOEXEC)
-            own.append(r)
-            held.append(w)
-            child_stdin, stdin_fd = r, w
-        elif stdin == "pty":
-            master, slave = os.openpty()
-            os.set_inheritable(master, False)
-            own.append(slave)
-            held.append(master)
-            child_stdin, stdin_fd = slave, master
-        report_fd = control_fd = None
+        out = _open_output(stdout, "stdout", fds.own)
+        err = _open_output(stderr, "stderr", fds.own)
+        child_stdin, stdin_fd = _stdin_ends(stdin, fds)
+        link: Optional[KeeperLink] = None
+        launch: list[str] = args
         pass_fds: tuple[int, ...] = ()
         if keeper is not None:
-            report_r, report_w = os.pipe2(os.O_CLOEXEC)
-            control_r, control_w = os.pipe2(os.O_CLOEXEC)
-            held += [report_r, control_w]
-            own += [report_w, control_r]
-            report_fd, control_fd = report_r, control_w
-            pass_fds = (report_w, control_r)
-            launch = keeper_argv(
+            link, launch, pass_fds = _keeper_launch(
                 keeper,
-                report_fd=report_w,
-                control_fd=control_r,
+                fds,
                 grace_ms=grace_ms,
                 parent_pid=os.getpid() if die_with_parent else None,
                 exit_file=None if exit_file is None else os.fspath(exit_file),
                 timeout_ms=timeout_ms,
                 command=args,
             )
-        else:
-            launch = args
-        try:
-            popen = subprocess.Popen(
-                launch,
-                stdin=child_stdin,
-                stdout=out,
-                stderr=err,
-                cwd=cwd,
-                env=dict(env) if env is not None else None,
-                pass_fds=pass_fds,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            for fd in held:
-                os.close(fd)
-            return failed(_launch_error(args[0] if keeper is None else keeper, exc))
+        popen = subprocess.Popen(
+            launch,
+            stdin=child_stdin,
+            stdout=out,
+            stderr=err,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            pass_fds=pass_fds,
+            start_new_session=True,
+        )
+    except _OutputError as exc:
+        fds.close_held()
+        return failed(str(exc))
+    except OSError as exc:
+        fds.close_held()
+        return failed(_launch_error(args[0] if keeper is None else keeper, exc))
     except BaseException:
-        for fd in held:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        fds.close_held()
         raise
     finally:
-        for fd in own:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
+        fds.close_own()
     dispatch = Dispatch(
         pid=popen.pid,
         ticket_id=ticket_id,
@@ -181,23 +155,92 @@ def spawn_dispatch(
         popen=popen,
         stdin_kind=stdin,
         stdin_fd=stdin_fd,
-        keeper=None
-        if report_fd is None or control_fd is None
-        else KeeperLink(report_fd, control_fd),
+        keeper=link,
         timeout_ms=timeout_ms,
         idle_timeout_ms=idle_timeout_ms,
         output_paths=_output_paths(stdout, stderr),
     )
-    if dispatch.keeper is not None:
-        problem = dispatch.keeper.await_start(
-            popen.wait, lambda code: _launch_error(args[0], OSError(code, os.strerror(code)))
-        )
-        if problem is not None:
-            popen.wait()
-            dispatch.close()
-            return failed(problem)
+    problem = _await_keeper(dispatch, args[0])
+    if problem is not None:
+        return failed(problem)
     REGISTRY.add(dispatch)
     return DispatchResult(session_id, ticket_id, "launched", popen.pid, None)
+
+
+def _await_keeper(dispatch: Dispatch, program: str) -> Optional[str]:
+    """Under a keeper: None once it says the command runs, else why it does not."""
+    link = dispatch.keeper
+    if link is None:
+        return None
+    problem = link.await_start(
+        dispatch.popen.wait,
+        lambda code: _launch_error(program, OSError(code, os.strerror(code))),
+    )
+    if problem is not None:
+        dispatch.popen.wait()
+        dispatch.close()
+    return problem
+
+
+def _check_options(ticket_id: object, stdin: object, **durations: float) -> list[float]:
+    if not isinstance(ticket_id, str) or not ticket_id:
+        raise ValueError("ticket_id must be a non-empty string")
+    if stdin not in STDIN_KINDS:
+        raise ValueError(f"stdin must be one of {STDIN_KINDS}, not {stdin!r}")
+    return [check_ms(name, value) for name, value in durations.items()]
+
+
+class _OutputError(Exception):
+    """An output file could not be opened: a launch failure, reported as a result."""
+
+
+class _Fds:
+    """Fds of a launch: ``own`` are closed here once the child has them, ``held``
+    are kept by this process (and closed if the launch fails)."""
+
+    def __init__(self) -> None:
+        self.own: list[int] = []
+        self.held: list[int] = []
+
+    def close_own(self) -> None:
+        for fd in self.own:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close_held(self) -> None:
+        for fd in self.held:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _stdin_ends(stdin: str, fds: _Fds) -> tuple[Any, Optional[int]]:
+    """The child's stdin and the end this process keeps for the EOF stage (or None)."""
+    if stdin == "pipe":
+        r, w = os.pipe2(os.O_CLOEXEC)
+        fds.own.append(r)
+        fds.held.append(w)
+        return r, w
+    if stdin == "pty":
+        master, slave = os.openpty()
+        os.set_inheritable(master, False)
+        fds.own.append(slave)
+        fds.held.append(master)
+        return slave, master
+    return (None if stdin == "inherit" else subprocess.DEVNULL), None
+
+
+def _keeper_launch(
+    keeper: str, fds: _Fds, **options: Any
+) -> tuple[KeeperLink, list[str], tuple[int, ...]]:
+    """The keeper's pipes, its command line and the fds it inherits."""
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    fds.held.append(report_r)
+    fds.own.append(report_w)
+    control_r, control_w = os.pipe2(os.O_CLOEXEC)
+    fds.held.append(control_w)
+    fds.own.append(control_r)
+    argv = keeper_argv(keeper, report_fd=report_w, control_fd=control_r, **options)
+    return KeeperLink(report_r, control_w), argv, (report_w, control_r)
 
 
 def _launch_error(program: str, exc: OSError) -> str:
