@@ -116,6 +116,33 @@ def test_terminate_refuses_init_and_itself(backend: str, canaries: Canaries) -> 
     canaries.check()
 
 
+def _kernel_threads() -> list[int]:
+    """kthreadd (pid 2 where the PID namespace is the host's) and a few of its children."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[6]) & 0x00200000:  # PF_KTHREAD
+                found.append(int(name))
+    return found[:3]
+
+
+def test_kernel_threads_are_refused_everywhere(backend: str, canaries: Canaries) -> None:
+    # pid 2 is refused even where it is not kthreadd (a PID namespace): the
+    # kernel's own threads are never a dispatch, and walking them means nothing.
+    for pid in sorted({2, *_kernel_threads()}):
+        with pytest.raises(ValueError, match="kernel thread"):
+            graceful_terminate_dispatch(pid, kill_wait_ms=100)
+        result = wait_for_dispatch_completion(SimpleNamespace(pid=pid, session_id="s"), "pt-1")
+        assert result.status is DispatchCompletionStatus.ERROR
+        assert "kernel thread" in (result.error or "")
+    canaries.check()
+
+
 @pytest.mark.parametrize("value, exc", BAD_MS, ids=BAD_MS_IDS)
 @pytest.mark.parametrize("name", ["kill_wait_ms", "eof_wait_ms"])
 def test_terminate_rejects_bad_durations(

@@ -223,3 +223,61 @@ def test_with_no_fd_left_a_live_process_is_never_reported_gone(backend: str) -> 
     done = _run_python(code, backend)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "EMFILE", done.stdout
+
+
+def test_a_member_of_another_user_is_a_survivor_not_an_exception(backend: str) -> None:
+    # The host is not root (it drops to nobody, keeping root as its saved uid so
+    # that it can clean up); the leader and one member run as nobody, one member
+    # as root. The stop must signal what it may, name the root member as the
+    # survivor, return "failed", and leak no pidfd.
+    code = (
+        "import json, os, subprocess, sys, time\n"
+        "from ralph_reaper import DispatchResult, wait_for_dispatch_completion\n"
+        "from ralph_reaper import graceful_terminate_dispatch\n"
+        "from ralph_reaper.backends import using\n"
+        "nobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups']\n"
+        "inner = ' '.join(nobody) + ' sh -c \"sleep 300 & wait\"'\n"
+        "out = {}\n"
+        "import ctypes\n"
+        "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # a subreaper: its orphans come back here\n"
+        "with using(sys.argv[1]):\n"
+        "    for face in ('terminate', 'wait'):\n"
+        "        p = subprocess.Popen(['sh', '-c', 'sleep 300 & exec ' + inner],\n"
+        "                             start_new_session=True, stdout=subprocess.DEVNULL,\n"
+        "                             stderr=subprocess.DEVNULL)\n"
+        "        time.sleep(0.3)\n"
+        "        with open(f'/proc/{p.pid}/task/{p.pid}/children') as f:\n"
+        "            started = [int(x) for x in f.read().split()]\n"
+        "        os.setresuid(65534, 65534, 0)\n"
+        "        fds = len(os.listdir('/proc/self/fd'))\n"
+        "        if face == 'terminate':\n"
+        "            out[face] = graceful_terminate_dispatch(p.pid, kill_wait_ms=100)\n"
+        "        else:\n"
+        "            d = DispatchResult('s', 't', 'launched', p.pid)\n"
+        "            r = wait_for_dispatch_completion(d, 't', timeout_ms=50,\n"
+        "                                             graceful_shutdown_ms=100)\n"
+        "            out[face] = [r.status.value, r.termination_method, r.error]\n"
+        "        out[face + '_fds'] = len(os.listdir('/proc/self/fd')) - fds\n"
+        "        os.setresuid(0, 0, 0)\n"
+        "        for pid in started:\n"
+        "            try:\n"
+        "                os.kill(pid, 9)\n"
+        "            except ProcessLookupError:\n"
+        "                pass\n"
+        "        p.kill()\n"
+        "        p.wait()\n"
+        "        for _ in started:\n"
+        "            try:\n"
+        "                os.waitpid(-1, 0)\n"
+        "            except ChildProcessError:\n"
+        "                break\n"
+        "print(json.dumps(out))\n"
+    )
+    done = _run_python(code, backend)
+    assert done.returncode == 0, done.stderr
+    out = __import__("json").loads(done.stdout)
+    assert out["terminate"] == [False, "failed"]
+    status, method, error = out["wait"]
+    assert (status, method) == ("error", "failed")
+    assert "survivors: [" in error and "survivors: []" not in error
+    assert out["terminate_fds"] == 0 and out["wait_fds"] == 0

@@ -42,7 +42,7 @@ def _raise_nofile_once() -> bool:
 class Pin:
     """One process of a dispatch, held for signalling, waiting and reaping."""
 
-    __slots__ = ("backend", "fd", "pid", "reaped", "starttime", "status")
+    __slots__ = ("backend", "denied", "fd", "pid", "reaped", "starttime", "status")
 
     def __init__(self, backend: Backend, pid: int, fd: int, starttime: int) -> None:
         self.backend = backend
@@ -53,6 +53,8 @@ class Pin:
         self.status: Optional[ExitStatus] = None
         #: True once this process reaped it (else its parent did, or will).
         self.reaped = False
+        #: True once a signal was refused with EPERM (another user's process).
+        self.denied = False
 
     def __repr__(self) -> str:
         return f"Pin(pid={self.pid}, fd={self.fd}, starttime={self.starttime})"
@@ -110,7 +112,12 @@ class Pin:
         return state is None or state in ("Z", "X")
 
     def signal(self, sig: int) -> bool:
-        """Deliver ``sig``; False when the process is already gone."""
+        """Deliver ``sig``; False when the process is already gone or not ours to signal.
+
+        A member owned by another user (an agent that ran ``sudo``) refuses
+        with EPERM: that is not an error of the stop, which goes on with the
+        other members; the process stays alive and is reported as a survivor.
+        """
         if self.status is not None:
             return False
         try:
@@ -122,6 +129,11 @@ class Pin:
             os.kill(self.pid, sig)
             return True
         except ProcessLookupError:
+            return False
+        except PermissionError:
+            if not self.denied:
+                self.denied = True
+                _log.warning(f"ralph-reaper: not permitted to signal pid {self.pid}")
             return False
 
     def collect(self) -> Optional[ExitStatus]:

@@ -75,13 +75,31 @@ def is_ancestor(pid: int) -> bool:
     return pid in _ancestry[1]
 
 
+#: ``PF_KTHREAD`` in the flags field of ``/proc/<pid>/stat``.
+PF_KTHREAD = 0x00200000
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """True for a kernel thread (kthreadd, pid 2, and its children): never a dispatch."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    fields = data[data.rfind(b")") + 2 :].split()
+    return len(fields) > 6 and bool(int(fields[6]) & PF_KTHREAD)
+
+
 def check_signal_target(pid: object) -> int:
-    """Like :func:`check_pid`, and also refuse init, this process, its ancestors,
-    and the leaders of its own process group and session: stopping any of them
-    would stop the caller's own group or session."""
+    """Like :func:`check_pid`, and also refuse init, kthreadd and kernel threads,
+    this process, its ancestors, and the leaders of its own process group and
+    session: stopping any of them would stop the caller's own group or session
+    (or, for pid 2, walk the kernel's own threads)."""
     value = check_pid(pid)
     if value == 1:
         raise ValueError("refusing to stop pid 1 (init)")
+    if value == 2 or is_kernel_thread(value):
+        raise ValueError(f"refusing to stop pid {value}: it is a kernel thread")
     if value == os.getpid():
         raise ValueError(f"refusing to stop pid {value}: it is this process")
     if value in (os.getpgid(0), os.getsid(0)):
