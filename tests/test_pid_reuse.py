@@ -25,11 +25,11 @@ from ralph_reaper import poll_dispatch_status
 from ralph_reaper.backends import using
 from ralph_reaper.pins import Pin
 
-def recycle(pid):
+def recycle(pid, argv=("sleep", "30"), **popen):
     # Fork short-lived children until one gets `pid`; return it, still running.
     time.sleep(0.03)  # a later clock tick: start times differ (the polling guard)
     for _ in range(5000):
-        child = subprocess.Popen(["sleep", "30"])
+        child = subprocess.Popen(list(argv), **popen)
         if child.pid == pid:
             return child
         child.kill()
@@ -99,6 +99,37 @@ with using(sys.argv[1]) as backend:
     message = os.read(result_r, 500).decode()
     assert message == "True sigterm", "a recycled ancestor pid was refused: " + message
     os.wait()  # the host, reparented to us (pid 1 here)
+
+    # 4. A member that exited and was reaped by its own parent: its pid, recycled by
+    #    an unrelated job in a session of its own, is no root of the tree any more.
+    from ralph_reaper.containment import Members
+    leader = subprocess.Popen(["sh", "-c", "sleep 0.3; exec sleep 30"], start_new_session=True)
+    members = Members(backend, Pin.open(backend, leader.pid), "session")
+    while members.discover() == 0:
+        time.sleep(0.001)
+    (member,) = [p for p in members.pins.values() if p.pid != leader.pid]
+    while not member.exited():  # the sleep ends; sh reaps it
+        time.sleep(0.01)
+    while open(f"/proc/{leader.pid}/cmdline").read() != "sleep\x0030\x00":
+        time.sleep(0.01)
+    job = recycle(member.pid, ["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    while not open(f"/proc/{job.pid}/task/{job.pid}/children").read().split():
+        time.sleep(0.001)
+    (job_child,) = [int(x) for x in open(f"/proc/{job.pid}/task/{job.pid}/children").read().split()]
+    members.discover()
+    assert sorted(members.pins) == sorted([leader.pid, member.pid]), (
+        "discovery walked from a dead member's recycled pid: " + repr(sorted(members.pins))
+    )
+    members.close()
+    os.kill(job_child, 9)  # started by this script, through the job
+    for proc in (job, leader):
+        proc.kill()
+        proc.wait()
+    while True:  # the job's sleep, orphaned to us (pid 1 here)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
 print("ok")
 """
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
-from .backends.base import Backend
+from .backends.base import Backend, ProcStat
 from .pins import Pin
 from .validation import is_ancestor
 
@@ -54,27 +54,44 @@ class Members:
         self.session = session if session != own_session and containment == "session" else None
 
     def discover(self) -> int:
-        """Pin members not yet pinned; return how many were added."""
+        """Pin members not yet pinned; return how many were added.
+
+        The tree is walked only from pins that are still alive: the pid of a
+        member that exited (and that its own parent reaped) may already belong
+        to an unrelated process, whose children are not ours. For the same
+        reason a process found below the roots belongs only if its parent is a
+        live root or a process accepted before it (the walk is breadth first).
+        """
         if self.containment == "pid":
             return 0
-        roots = [p.pid for p in self.pins.values() if p.status is None] + self.extra_roots
-        found = self.backend.descendants(roots)
-        if self.session is not None:
-            found.extend(self.backend.session_members(self.session))
+        live = [p.pid for p in self.pins.values() if p.status is None and not p.exited()]
+        accepted = set(live) | set(self.extra_roots)
         added = 0
-        for pid in found:
-            if pid in self.pins or is_ancestor(pid):
-                continue
-            st = self.backend.proc_stat(pid)
-            if st is None:
-                continue
-            # Zombies are pinned too: once their parent is stopped they may be
-            # reparented to this process (a subreaper), which must reap them.
-            pin = Pin.open(self.backend, pid, st.starttime)
-            if pin is not None:
-                self.pins[pid] = pin
-                added += 1
+        for pid in self.backend.descendants(live + self.extra_roots):
+            st = self._candidate(pid)
+            if st is not None and st.ppid in accepted:
+                accepted.add(pid)
+                added += self._pin(pid, st)
+        if self.session is not None:
+            for pid in self.backend.session_members(self.session):
+                st = self._candidate(pid)
+                if st is not None and st.session == self.session:
+                    added += self._pin(pid, st)
         return added
+
+    def _candidate(self, pid: int) -> Optional[ProcStat]:
+        if pid in self.pins or is_ancestor(pid):
+            return None
+        return self.backend.proc_stat(pid)
+
+    def _pin(self, pid: int, st: ProcStat) -> int:
+        # Zombies are pinned too: once their parent is stopped they may be
+        # reparented to this process (a subreaper), which must reap them.
+        pin = Pin.open(self.backend, pid, st.starttime)
+        if pin is None:
+            return 0
+        self.pins[pid] = pin
+        return 1
 
     def widen(self, session: int) -> None:
         """From now on, also the members of ``session`` (a keeper that did not answer:
