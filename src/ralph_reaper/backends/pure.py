@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ._stdlib_ops import StdlibProcOps
-from .base import DrainEvent, ExitStatus
+from .base import DrainEvent, ExitStatus, Rusage
 
 # PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info) with the 64-byte first version.
 PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
@@ -53,7 +53,15 @@ def pidfd_exit_status(fd: int) -> Optional[int]:
 
 
 def waitid_pidfd(fd: int, nohang: bool = True) -> Optional[ExitStatus]:
-    options = os.WEXITED | (os.WNOHANG if nohang else 0)
+    """Reap the child behind ``fd``, with its rusage.
+
+    ``os.waitid`` drops the rusage, so the exit is first looked at without
+    reaping (``WNOWAIT``: the zombie stays, and with it its pid), then reaped
+    by that pid with ``os.wait4``, which returns it. Only another thread's
+    ``waitpid(-1)`` landing between the two calls could take the zombie first;
+    then the status seen is reported without rusage.
+    """
+    options = os.WEXITED | os.WNOWAIT | (os.WNOHANG if nohang else 0)
     while True:
         try:
             info = os.waitid(os.P_PIDFD, fd, options)  # type: ignore[attr-defined,unused-ignore]
@@ -62,7 +70,14 @@ def waitid_pidfd(fd: int, nohang: bool = True) -> Optional[ExitStatus]:
         break
     if info is None or info.si_pid == 0:
         return None
-    return ExitStatus(status_from_siginfo(info.si_code, info.si_status))
+    seen = ExitStatus(status_from_siginfo(info.si_code, info.si_status))
+    try:
+        pid, status, ru = os.wait4(info.si_pid, os.WNOHANG)
+    except ChildProcessError:
+        return seen
+    if pid != info.si_pid or status != seen.status:
+        return seen
+    return ExitStatus(status, Rusage(ru.ru_utime, ru.ru_stime, int(ru.ru_maxrss)))
 
 
 class PureEpollSet:
