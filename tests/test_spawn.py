@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 import procs
 from ralph_reaper import (
     DispatchCompletionStatus,
+    DispatchMonitor,
     DispatchResult,
     graceful_terminate_dispatch,
     poll_dispatch_status,
@@ -249,3 +252,53 @@ def test_keeper_enforces_the_timeout_when_nobody_waits(backend: str) -> None:
     assert result.stop_reason == "timeout"
     assert result.termination_method == "sigterm"
     assert result.descendants_killed >= 1
+
+
+def _keeper_only(backend: str) -> None:
+    if backend != "native":
+        pytest.skip("only the native backend runs dispatches under a keeper")
+
+
+@pytest.mark.parametrize("face", ["blocking", "monitor"])
+def test_a_keeper_killed_while_its_command_runs_is_reported_and_cleaned_up(
+    backend: str, face: str
+) -> None:
+    _keeper_only(backend)
+    # The command kills its own keeper (as an agent's careless pkill -f might).
+    dispatch = spawn_sh("sleep 300 & sleep .2; kill -9 $PPID; sleep 300", stdin="devnull")
+    if face == "blocking":
+        result = wait_for_dispatch_completion(dispatch, "pt-1", graceful_shutdown_ms=500)
+    else:
+        with DispatchMonitor() as monitor:
+            result = monitor.watch(dispatch, "pt-1", graceful_shutdown_ms=500).result(30)
+    assert result.status is DispatchCompletionStatus.ERROR
+    assert result.stop_reason == "keeper_lost"
+    assert result.return_code == -9
+    assert "died without its final report" in (result.error or "")
+    # and nothing of the tree is left (the leak check of every test says so)
+
+
+def test_a_keeper_killed_during_the_grace_is_never_a_success(backend: str) -> None:
+    _keeper_only(backend)
+    dispatch = spawn_sh("trap '' TERM; sleep 300 & wait", stdin="devnull", grace_ms=5000)
+    assert dispatch.pid is not None
+    keeper = os.pidfd_open(dispatch.pid)
+    done: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: done.append(
+            wait_for_dispatch_completion(
+                dispatch, "pt-1", timeout_ms=100, graceful_shutdown_ms=1500, eof_wait_ms=0
+            )
+        )
+    )
+    waiter.start()
+    try:
+        time.sleep(0.6)  # the keeper got the stop request and is in its grace
+        signal.pidfd_send_signal(keeper, signal.SIGKILL)
+    finally:
+        os.close(keeper)
+    waiter.join(30)
+    (result,) = done
+    assert result.status is DispatchCompletionStatus.ERROR
+    assert result.stop_reason == "keeper_lost"
+    assert result.timed_out is True

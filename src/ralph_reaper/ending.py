@@ -16,7 +16,14 @@ from typing import Any, Optional
 from .backends.base import ExitStatus
 from .containment import Members
 from .dispatches import REGISTRY
-from .engine import Stop, StopOutcome, dispatch_stop, fold_keeper_report, leftovers_stop
+from .engine import (
+    Stop,
+    StopOutcome,
+    dispatch_stop,
+    fold_keeper_report,
+    leftovers_stop,
+    lost_keeper_stop,
+)
 from .exits import BOOK
 from .results import DispatchCompletionResult, DispatchCompletionStatus
 from .watches import Watch
@@ -58,6 +65,8 @@ def sweep_for(w: Watch) -> Optional[Stop]:
     The leader is reaped first, so that the scan of its session does not find it.
     """
     collect_leader(w)
+    if w.dispatch is not None and w.dispatch.keeper is not None:
+        return lost_keeper_stop(w.dispatch, grace_s=w.grace_s, log=w.log)
     if not needs_sweep(w):
         return None
     assert w.sid is not None
@@ -166,6 +175,13 @@ def build_result(w: Watch, outcome: StopOutcome) -> DispatchCompletionResult:
         result.stop_reason = "idle"
     else:
         _stopped(result, reason, w.limit_for(reason), outcome.method)
+    if outcome.keeper_lost:  # never a success: the keeper's guarantees did not hold
+        result.status = DispatchCompletionStatus.ERROR
+        result.stop_reason = "keeper_lost"
+        result.error = (
+            f"the keeper (pid {w.pid}) died without its final report; what its command left "
+            f"was stopped from here (survivors: {outcome.survivors})"
+        )
     return result
 
 

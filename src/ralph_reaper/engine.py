@@ -55,6 +55,8 @@ class StopOutcome:
     #: Under keeper containment: why the keeper stopped the tree (its own timeout, say).
     keeper_reason: Optional[str] = None
     keeper_method: Optional[str] = None
+    #: The keeper died without its final report: the host stopped its command's session.
+    keeper_lost: bool = False
 
 
 class Stop:
@@ -82,6 +84,8 @@ class Stop:
         self.outcome: Optional[StopOutcome] = None
         self._new: list[Pin] = []
         self._lock = threading.Lock()
+        #: The keeper was lost (see :meth:`_check_keeper`).
+        self.lost = False
 
     @property
     def deadline(self) -> float:
@@ -137,8 +141,9 @@ class Stop:
 
     def _discover(self) -> int:
         """Pin new members; await every live one; return how many are live."""
-        if self.keeper_grace_ms is None or self.members.containment != "pid":
-            self.members.discover()
+        if self.keeper_grace_ms is not None and self.members.containment == "pid":
+            self._check_keeper()
+        self.members.discover()
         live = self.members.live()
         for pin in live:
             if pin.pid not in self.awaited:
@@ -166,6 +171,21 @@ class Stop:
         live = self.members.live()
         for sig in signals:
             self.signalled.update(p.pid for p in live if p.signal(sig))
+
+    def _check_keeper(self) -> None:
+        """A keeper that died without its final report (SIGKILLed, say) stopped nothing:
+        from now on the host stops its command's session itself."""
+        leader = self.leader
+        if self.dispatch is None or leader is None or not leader.exited():
+            return
+        if self.dispatch.final_report is not None:
+            return
+        self.lost = True
+        self.log.error(
+            f"keeper {leader.pid} died without its final report; stopping its command's "
+            "session from here"
+        )
+        self.members.widen(self.dispatch.leader_pid)
 
     def _ask_keeper(self) -> None:
         keeper = None if self.dispatch is None else self.dispatch.keeper
@@ -209,6 +229,7 @@ class Stop:
             self.log.error(f"stop failed: members survive SIGKILL: {survivors}")
         if self.dispatch is not None and self.dispatch.keeper is not None:
             fold_keeper_report(self.dispatch, outcome, self.plan)
+        outcome.keeper_lost = self.lost
         with self._lock:
             self.outcome = outcome
 
@@ -256,6 +277,11 @@ def drive(stop: Stop) -> StopOutcome:
     stop.begin(time.monotonic())
     while stop.outcome is None:
         pins = list(stop.awaited.values())
+        if not pins:  # cannot happen while the plan runs; never spin if it does
+            stop.exited([], time.monotonic())
+            if stop.outcome is None:
+                stop.due(time.monotonic())
+            continue
         left = wait_all(pins, max(0.0, stop.deadline - time.monotonic()))
         now = time.monotonic()
         still = {id(p) for p in left}
@@ -328,6 +354,19 @@ def leftovers_stop(members: Members, *, grace_s: float, log: LogSink) -> Optiona
         members.close()
         return None
     return tree_stop(members, grace_s=grace_s, log=log)
+
+
+def lost_keeper_stop(dispatch: Dispatch, *, grace_s: float, log: LogSink) -> Optional[Stop]:
+    """After a keeper exited by itself: None if it reported, else the stop of what its
+    command left in its session (``lost`` set either way on the returned stop)."""
+    if dispatch.keeper is None or dispatch.final_report is not None:
+        return None
+    sid = dispatch.leader_pid
+    log.error(f"keeper {dispatch.pid} died without its final report; stopping session {sid}")
+    members = Members(get_backend(), None, "session", session=sid)
+    stop = tree_stop(members, grace_s=grace_s, log=log)
+    stop.lost = True
+    return stop
 
 
 def not_running(outcome: Optional[StopOutcome] = None) -> StopOutcome:

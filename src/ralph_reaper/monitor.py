@@ -590,7 +590,7 @@ class DispatchMonitor:
 
     def _sweep_one(self, entry: _Entry, busy: set[int]) -> None:
         w = entry.watch
-        stop = sweep_for(w) if w.sid in busy else None
+        stop = sweep_for(w) if w.keeper or w.sid in busy else None
         if stop is None:
             self._complete(entry, finish(w, not_running()))
             return
