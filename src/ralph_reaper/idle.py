@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from .backends.base import Backend
+from .backends.procfs import stat_fields
 
 #: Syscalls that read from the fd in their first argument, and epoll waits, per machine.
 _READS = {"x86_64": {0, 17, 19, 295}, "aarch64": {63, 65, 67, 69}}
@@ -25,13 +26,8 @@ _EPOLL_WAITS = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}}
 
 def _cpu_ticks(pid: int) -> Optional[int]:
     """utime + stime + cutime + cstime of ``pid`` (children it reaped count too)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    return sum(int(x) for x in fields[11:15])
+    fields = stat_fields(pid)
+    return None if fields is None else sum(int(x) for x in fields[11:15])
 
 
 def _epoll_watches_stdin(pid: int, epfd: int) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 
-from .backends.procfs import proc_stat
+from .backends.procfs import proc_stat, stat_fields
 
 #: PID_MAX_LIMIT on 64-bit Linux; no pid can be larger.
 PID_LIMIT = 4 * 1024 * 1024
@@ -81,13 +81,8 @@ PF_KTHREAD = 0x00200000
 
 def is_kernel_thread(pid: int) -> bool:
     """True for a kernel thread (kthreadd, pid 2, and its children): never a dispatch."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rfind(b")") + 2 :].split()
-    return len(fields) > 6 and bool(int(fields[6]) & PF_KTHREAD)
+    fields = stat_fields(pid)
+    return fields is not None and len(fields) > 6 and bool(int(fields[6]) & PF_KTHREAD)
 
 
 def check_signal_target(pid: object) -> int:

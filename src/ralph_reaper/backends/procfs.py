@@ -19,6 +19,20 @@ from .base import ProcStat
 _children_files: Optional[bool] = None
 
 
+def stat_fields(pid: int) -> Optional[list[bytes]]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None.
+
+    For the few readers that need a field :class:`ProcStat` does not carry
+    (CPU ticks, flags); any read failure counts as "no such process" here.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2 :].split()
+
+
 def parse_stat(data: bytes) -> Optional[ProcStat]:
     """Parse one ``/proc/<pid>/stat`` line.
 
