@@ -21,9 +21,16 @@ The four Python faces start their dispatch with :func:`spawn_dispatch`
 only when a stop begins). The CLI gets a stdin pipe that the test keeps open
 for the same reason (``Popen.communicate`` would close it, so it is not used).
 
-Timers are short (tenths of a second) and no duration is asserted: only the
-stage that ended the dispatch, and how it ended. The autouse ``no_leftovers``
+Timers that a scenario needs to run out are short (tenths of a second);
+timers that it expects never to run out (a reader answering EOF, a sleep dying
+of SIGTERM) are long, so a loaded machine cannot change which stage ended a
+dispatch. No upper bound on any duration is asserted; a few lower bounds are
+(a stage given 200 ms must have lasted about that long, else something else
+cut it short), and load can only lengthen those. The autouse ``no_leftovers``
 fixture (conftest.py) fails any test that leaves a process, a zombie or an fd.
+
+Several faces may also watch ONE dispatch at once (the last test): only one can
+reap it and only one can run its stop, and every one must report the same end.
 """
 
 from __future__ import annotations
@@ -59,10 +66,20 @@ from ralph_reaper import (
 from ralph_reaper.keeper_path import keeper_path
 
 TIMEOUT_MS = 300
+#: The timers a scenario needs to run out (EOF that a sleep ignores, a grace
+#: period that a TERM-ignoring tree sits through): short, they cost their length.
 GRACE_MS = 300
 EOF_WAIT_MS = 200
+#: The timers a scenario expects NOT to run out (a reader answering EOF, a sleep
+#: dying of SIGTERM): long, so that a loaded machine cannot turn "EOF was enough"
+#: into "needed SIGTERM"; they cost nothing when the process reacts.
+SLACK_MS = 3000
 IDLE_MS = 400
 IDLE_BUSY_MS = 300
+#: A stage given ``X`` ms must last at least 90% of it (timers never fire early;
+#: the margin only absorbs clock granularity).
+EOF_MIN_MS = 0.9 * EOF_WAIT_MS
+GRACE_MIN_MS = 0.9 * GRACE_MS
 #: How long a test lets the wait run before it asks for a stop (set-up only).
 SETTLE_S = 0.2
 #: Upper bound on any one face's wait (a hang fails the test, it does not stall the run).
@@ -97,7 +114,13 @@ class Scenario:
     per_face: dict[str, dict[str, Any]] = field(default_factory=dict)
     stage_has: tuple[str, ...] = ()
     stage_lacks: tuple[str, ...] = ()
-    rusage: bool = False
+    #: Stages that must have lasted at least this long (ms): a stage cut short
+    #: means something else ended the leader. Lower bounds only, which load
+    #: cannot break.
+    stage_min: dict[str, float] = field(default_factory=dict)
+    #: The stop's timers: SIGTERM -> SIGKILL, and EOF -> SIGTERM.
+    grace_ms: float = SLACK_MS
+    eof_wait_ms: float = EOF_WAIT_MS
     #: False only where nothing was started.
     launched: bool = True
     #: The exit status of ``ralph-reaper run`` (coreutils timeout's conventions).
@@ -122,8 +145,11 @@ def natural(rc: int, **more: Any) -> dict[str, Any]:
 
 
 def timed_out(method: str, rc: int, sig: Optional[int]) -> dict[str, Any]:
+    """The fields of a dispatch stopped by its TIMEOUT_MS timeout."""
     return {
         "status": "timeout",
+        # The configured limit, wherever it was given (spawn_dispatch or the face).
+        "error": f"Timed out after {TIMEOUT_MS}ms",
         "termination_method": method,
         "return_code": rc,
         "signal": sig,
@@ -140,7 +166,6 @@ SCENARIOS = [
         "exit0",
         sh("exit 0"),
         expected=natural(0, error=None),
-        rusage=True,
     ),
     Scenario(
         "exit3",
@@ -183,6 +208,8 @@ SCENARIOS = [
         expected=timed_out("sigterm", -15, 15),
         stage_has=("sigterm",),
         stage_lacks=("sigkill",),
+        # sleep ignores EOF: the EOF stage must get its whole EOF_WAIT_MS first.
+        stage_min={"eof": EOF_MIN_MS},
         cli_exit=124,
     ),
     Scenario(
@@ -191,6 +218,8 @@ SCENARIOS = [
         timeout_ms=TIMEOUT_MS,
         expected=timed_out("sigkill", -9, 9),
         stage_has=("sigterm", "sigkill"),
+        stage_min={"eof": EOF_MIN_MS, "sigterm": GRACE_MIN_MS},
+        grace_ms=GRACE_MS,
         cli_exit=124,
     ),
     Scenario(
@@ -200,6 +229,7 @@ SCENARIOS = [
         expected=timed_out("eof", 0, None),
         stage_has=("eof",),
         stage_lacks=("sigterm", "sigkill"),
+        eof_wait_ms=SLACK_MS,
         cli_exit=124,
     ),
     Scenario(
@@ -210,6 +240,8 @@ SCENARIOS = [
         expected=timed_out("sigterm", -15, 15),
         stage_has=("sigterm",),
         stage_lacks=("sigkill",),
+        # sleep ignores EOF: the EOF stage must get its whole EOF_WAIT_MS first.
+        stage_min={"eof": EOF_MIN_MS},
         cli_exit=124,
     ),
     Scenario(
@@ -224,15 +256,17 @@ SCENARIOS = [
             "core_dumped": False,
             "stop_reason": "idle",
             "timed_out": False,
+            "error": None,
         },
         stage_has=("eof",),
         stage_lacks=("sigterm", "sigkill"),
+        eof_wait_ms=SLACK_MS,
     ),
     Scenario(
         "idle_busy",
         sh(BUSY_LOOP),
         idle_timeout_ms=IDLE_BUSY_MS,
-        expected=natural(0),
+        expected=natural(0, error=None),
     ),
     Scenario(
         "terminate",
@@ -250,13 +284,17 @@ SCENARIOS = [
         per_face={"cli": {"stop_reason": "signal"}},
         stage_has=("sigterm",),
         stage_lacks=("sigkill",),
-        rusage=True,
+        stage_min={"eof": EOF_MIN_MS},
         cli_exit=128 + 15,
     ),
     Scenario(
         "leftovers",
         sh("sleep 30 & exit 0"),
-        expected=natural(0, descendants_killed=1),
+        expected=natural(0, error=None, descendants_killed=1),
+        # The stop of what the leader left ran (SIGTERM was enough): stage_ms lists
+        # the stages that ran, also when a keeper ran them.
+        stage_has=("sigterm",),
+        stage_lacks=("sigkill",),
     ),
     Scenario(
         "launch_failure",
@@ -338,7 +376,7 @@ def _spawn(run: Run) -> DispatchResult:
         s.argv,
         ticket_id="t",
         stdin="pipe",
-        grace_ms=GRACE_MS,
+        grace_ms=s.grace_ms,
         timeout_ms=s.spawn_timeout_ms,
         cwd=run.cwd,
     )
@@ -355,14 +393,14 @@ def _spawn(run: Run) -> DispatchResult:
 def _options(s: Scenario) -> dict[str, float]:
     return {
         "timeout_ms": s.timeout_ms,
-        "graceful_shutdown_ms": GRACE_MS,
+        "graceful_shutdown_ms": s.grace_ms,
         "idle_timeout_ms": s.idle_timeout_ms,
-        "eof_wait_ms": EOF_WAIT_MS,
+        "eof_wait_ms": s.eof_wait_ms,
     }
 
 
-def _terminate_call(pid: int) -> tuple[bool, str]:
-    return graceful_terminate_dispatch(pid, kill_wait_ms=GRACE_MS, eof_wait_ms=EOF_WAIT_MS)
+def _terminate_call(pid: int, s: Scenario) -> tuple[bool, str]:
+    return graceful_terminate_dispatch(pid, kill_wait_ms=s.grace_ms, eof_wait_ms=s.eof_wait_ms)
 
 
 def face_blocking(run: Run) -> dict[str, Any]:
@@ -374,7 +412,7 @@ def face_blocking(run: Run) -> dict[str, Any]:
 
         def stop() -> None:
             time.sleep(SETTLE_S)
-            run.notes["terminate"] = _terminate_call(pid)
+            run.notes["terminate"] = _terminate_call(pid, run.scenario)
 
         stopper = threading.Thread(target=stop, name="conformance-terminate")
         stopper.start()
@@ -409,7 +447,7 @@ def face_aio(run: Run) -> dict[str, Any]:
             await asyncio.sleep(SETTLE_S)
             loop = asyncio.get_running_loop()
             run.notes["terminate"] = await loop.run_in_executor(
-                None, functools.partial(_terminate_call, dispatch.pid)
+                None, functools.partial(_terminate_call, dispatch.pid, run.scenario)
             )
         result = await asyncio.wait_for(task, RESULT_TIMEOUT_S)
         return result.to_dict()
@@ -466,9 +504,9 @@ def face_cli(run: Run) -> dict[str, Any]:
         "--timeout",
         _ms(timeout_ms),
         "--grace",
-        _ms(GRACE_MS),
+        _ms(s.grace_ms),
         "--eof-wait",
-        _ms(EOF_WAIT_MS),
+        _ms(s.eof_wait_ms),
         "--idle-timeout",
         _ms(s.idle_timeout_ms),
         "--",
@@ -524,18 +562,24 @@ def expected_for(scenario: Scenario, face: str, backend: str, kernel_core: bool)
     expected = {
         **scenario.expected,
         "backend": backend,
-        "containment": containment_for(backend),
         **scenario.per_face.get(face, {}),
     }
+    if scenario.launched:  # a command that never started has no containment to report
+        expected["containment"] = containment_for(backend)
     return {k: (kernel_core if v is KERNEL else v) for k, v in expected.items() if v is not ANY}
+
+
+RUSAGE = ("user_time_s", "system_time_s", "max_rss_kb")
 
 
 def mismatches(
     scenario: Scenario,
-    face: str,
     expected: dict[str, Any],
     got: dict[str, Any],
     notes: dict[str, Any],
+    *,
+    cli: bool = False,
+    rusage: bool = True,
 ) -> list[str]:
     """Every way ``got`` differs from the contract, one line each."""
     out = []
@@ -551,22 +595,27 @@ def mismatches(
     for stage in scenario.stage_lacks:
         if stage in stages:
             out.append(f"stage_ms: {stage!r} present (observed {stages!r})")
-    if scenario.launched and not (got.get("duration_ms") or 0) > 0:
-        out.append(f"duration_ms: observed {got.get('duration_ms')!r}, expected > 0")
-    if scenario.rusage:
-        for key in ("user_time_s", "system_time_s", "max_rss_kb"):
-            if got.get(key) is None:
-                out.append(f"{key}: observed None, expected a value")
-    if scenario.action == "terminate" and face in ("blocking", "aio"):
-        answer = notes.get("terminate")
-        if answer != (True, "sigterm"):
+    for stage, least in scenario.stage_min.items():
+        if stage in stages and stages[stage] < least:
             out.append(
-                f"graceful_terminate_dispatch: returned {answer!r}, expected (True, 'sigterm')"
+                f"stage_ms[{stage!r}]: observed {stages[stage]:.1f} ms, expected >= {least:g}"
             )
-    if face == "cli":
-        status = notes.get("exit_status")
-        if status != scenario.cli_exit:
-            out.append(f"exit status: observed {status!r}, expected {scenario.cli_exit}")
+        elif stage not in stages:
+            out.append(f"stage_ms: {stage!r} missing (observed {stages!r})")
+    if scenario.launched:
+        if not (got.get("duration_ms") or 0) > 0:
+            out.append(f"duration_ms: observed {got.get('duration_ms')!r}, expected > 0")
+        # The kernel's account of the command (wait4/waitid rusage, or the keeper's report).
+        missing = [k for k in RUSAGE if got.get(k) is None]
+        if missing and rusage:
+            out.append(f"rusage: {', '.join(missing)} observed None, expected values")
+    if "terminate" in notes and notes["terminate"] != (True, "sigterm"):
+        answer = notes["terminate"]
+        out.append(f"graceful_terminate_dispatch: returned {answer!r}, expected (True, 'sigterm')")
+    if cli and notes.get("exit_status") != scenario.cli_exit:
+        out.append(
+            f"exit status: observed {notes.get('exit_status')!r}, expected {scenario.cli_exit}"
+        )
     return out
 
 
@@ -586,57 +635,115 @@ def test_conformance(
     tmp_path: Path,
 ) -> None:
     run = Run(backend=backend, scenario=scenario, cwd=tmp_path, kids=kids)
+    if scenario.action == "terminate" and face in ("blocking", "aio"):
+        run.notes["terminate"] = "never returned"  # the driver replaces it with the answer
     try:
         got = DRIVERS[face](run)
     finally:
         _clean_cores(tmp_path)
     expected = expected_for(scenario, face, backend, kernel_core)
-    problems = mismatches(scenario, face, expected, got, run.notes)
+    problems = mismatches(scenario, expected, got, run.notes, cli=face == "cli")
     if problems:
         detail = "\n  ".join(problems)
         extra = f"\n  stderr: {run.notes['stderr']!r}" if run.notes.get("stderr") else ""
         pytest.fail(f"{scenario.name} / {face} / {backend}:\n  {detail}{extra}\n  result: {got}")
 
 
-COMPARED = (
-    "status",
-    "termination_method",
-    "return_code",
-    "signal",
-    "core_dumped",
-    "stop_reason",
-    "timed_out",
-    "error",
-    "descendants_killed",
-)
+# --------------------------------------------------------------------------------------
+# Several faces on the same dispatch at once
+#
+# Only one of them can reap the leader, and only one can run the stop; the
+# others must learn the same answer (the package remembers exits, and lists
+# stops in progress), not a guess: "a wait that sees its leader die while
+# another call is stopping it reports that stop".
+
+SHARED = [
+    Scenario(
+        "natural",
+        sh("sleep 0.3; exit 3"),
+        expected=natural(3, error="Process exited with code 3", descendants_killed=0),
+    ),
+    Scenario(
+        # A third party (graceful_terminate_dispatch) stops it while all of them wait.
+        "terminate",
+        sh("sleep 30"),
+        action="terminate",
+        expected={
+            "status": "terminated",
+            "termination_method": "sigterm",
+            "return_code": -15,
+            "signal": 15,
+            "core_dumped": False,
+            "stop_reason": "terminate",
+            "timed_out": False,
+            "error": "Terminated on request",
+        },
+        stage_has=("sigterm",),
+        stage_lacks=("sigkill",),
+        stage_min={"eof": EOF_MIN_MS},
+    ),
+    Scenario(
+        # Every face was given the same timeout: one of them stops it, all report that stop.
+        "timeout",
+        sh("sleep 30"),
+        timeout_ms=TIMEOUT_MS,
+        expected=timed_out("sigterm", -15, 15),
+        stage_has=("sigterm",),
+        stage_lacks=("sigkill",),
+        stage_min={"eof": EOF_MIN_MS},
+    ),
+]
+
+#: Fields that depend on when a face looked, not on how the dispatch ended.
+_TIMING = ("duration_ms", "stage_ms", *RUSAGE)  # when each face looked, and who reaped
 
 
 @pytest.mark.timeout(60)
-def test_two_faces_on_one_dispatch_agree(backend: str) -> None:
-    """The blocking wait and a monitor watching the SAME dispatch report the same end.
-
-    Only one of them can reap the leader; the other must learn the same
-    answer (the package keeps it), not a guess.
-    """
+@pytest.mark.parametrize("scenario", SHARED, ids=str)
+def test_faces_on_one_dispatch_agree(backend: str, scenario: Scenario) -> None:
+    """The blocking wait, a monitor and the aio wait, all on ONE dispatch, report one end."""
     dispatch = spawn_dispatch(
-        sh("sleep 0.3; exit 3"), ticket_id="t", stdin="pipe", grace_ms=GRACE_MS
+        scenario.argv, ticket_id="t", stdin="pipe", grace_ms=scenario.grace_ms
     )
     assert dispatch.status == "launched", dispatch.error
-    with DispatchMonitor() as monitor, cf.ThreadPoolExecutor(1) as pool:
-        watched = monitor.watch(
-            dispatch, "t", graceful_shutdown_ms=GRACE_MS, eof_wait_ms=EOF_WAIT_MS
+    assert dispatch.pid is not None
+    options = _options(scenario)
+    notes: dict[str, Any] = {}
+    with DispatchMonitor() as monitor, cf.ThreadPoolExecutor(2) as pool:
+        watched = monitor.watch(dispatch, "t", **options)
+        waited = pool.submit(wait_for_dispatch_completion, dispatch, "t", **options)
+        awaited = pool.submit(
+            asyncio.run, aio.wait_for_dispatch_completion(dispatch, "t", **options)
         )
-        waited = pool.submit(
-            wait_for_dispatch_completion,
-            dispatch,
-            "t",
-            graceful_shutdown_ms=GRACE_MS,
-            eof_wait_ms=EOF_WAIT_MS,
-        )
+        if scenario.action == "terminate":
+            time.sleep(SETTLE_S)
+            notes["terminate"] = _terminate_call(dispatch.pid, scenario)
         results = {
             "monitor": watched.result(timeout=RESULT_TIMEOUT_S).to_dict(),
             "blocking": waited.result(timeout=RESULT_TIMEOUT_S).to_dict(),
+            "aio": awaited.result(timeout=RESULT_TIMEOUT_S).to_dict(),
         }
-    want = natural(3, error="Process exited with code 3", descendants_killed=0)
+    expected = expected_for(scenario, "blocking", backend, False)
+    problems = []
     for face, got in results.items():
-        assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, face
+        # Only the face that reaped the leader can have its rusage when each face
+        # waits on its own (a stop is shared, and with it its account).
+        found = mismatches(scenario, expected, got, notes, rusage=False)
+        problems += [f"{face}: {p}" for p in found]
+    if not any(all(got.get(k) is not None for k in RUSAGE) for got in results.values()):
+        problems.append("rusage: no face reports it")
+    # Beyond the contract's values: the faces agree with each other on every field
+    # that does not depend on when they looked (rusage, descendants_killed, stage names).
+    first, *others = results
+    for face in others:
+        for key in results[first]:
+            a, b = results[first][key], results[face][key]
+            if key == "stage_ms":
+                a, b = sorted(a), sorted(b)
+            elif key in _TIMING:
+                continue
+            if a != b:
+                problems.append(f"{first} vs {face}: {key} {a!r} != {b!r}")
+    if problems:
+        detail = "\n  ".join(dict.fromkeys(problems))
+        pytest.fail(f"{scenario.name} / {backend}:\n  {detail}\n  results: {results}")

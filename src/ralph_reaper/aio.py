@@ -28,15 +28,16 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-from .ending import finish, stop_for, sweep_for
+from .ending import finish, joinable, stop_for, sweep_for
 from .engine import ONGOING, Stop, StopOutcome, not_running
 from .logs import resolve_logger
 from .monitor import DispatchMonitor
 from .pins import Pin
+from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchCompletionResult
 from .validation import check_ms
 from .waiting import FIRST_STEP_S, MAX_STEP_S
-from .watches import DEFAULT_EOF_WAIT_MS, Watch, prepare
+from .watches import Watch, prepare
 
 __all__ = ["AsyncDispatchMonitor", "wait_for_dispatch_completion"]
 
@@ -86,6 +87,11 @@ async def _run_watch(w: Watch, step_cap: float) -> DispatchCompletionResult:
     if w.leader is not None:
         w.log.info(f"Waiting for dispatch of {w.ticket_id} (pid {w.pid})")
         reason = await _wait_leader(w, step_cap)
+        joined = None if reason is None else joinable(w)
+        if joined is not None:
+            w.reason = reason
+            shared: StopOutcome = await asyncio.wrap_future(joined)
+            return finish(w, shared)
         stop = None if reason is None else stop_for(w, reason)
         if stop is not None:
             return finish(w, await _drive_registered(stop, reason or "terminate", step_cap))
@@ -170,7 +176,11 @@ async def _drive_registered(stop: Stop, reason: str, step_cap: float) -> StopOut
     leader = stop.leader
     if leader is None:
         return await drive(stop, step_cap)
-    future = ONGOING.begin(leader, reason)
+    future, mine = ONGOING.claim(leader, reason)
+    if not mine:  # another call is stopping it: its outcome is ours
+        stop.members.close_others()
+        shared: StopOutcome = await asyncio.wrap_future(future)
+        return shared
     outcome: Optional[StopOutcome] = None
     try:
         outcome = await drive(stop, step_cap)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from .backends import get as get_backend
 from .containment import Members
 from .dispatches import REGISTRY
-from .ending import finish, stop_for, sweep_for
+from .ending import finish, joinable, stop_for, sweep_for
 from .engine import (
     ONGOING,
     StopOutcome,
@@ -29,10 +29,11 @@ from .engine import (
 from .exits import BOOK
 from .logs import LogSink, resolve_logger
 from .pins import Pin
+from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchCompletionResult
 from .validation import check_ms, check_pid, check_signal_target
 from .waiting import MAX_STEP_S, wait_any
-from .watches import DEFAULT_EOF_WAIT_MS, Watch, prepare
+from .watches import Watch, prepare
 
 
 def poll_dispatch_status(pid: int) -> tuple[bool, Optional[int]]:
@@ -218,6 +219,10 @@ def run_watch(w: Watch, step_s: float = MAX_STEP_S) -> DispatchCompletionResult:
     if w.leader is not None:
         w.log.info(f"Waiting for dispatch of {w.ticket_id} (pid {w.pid})")
         reason = w.reason or _wait(w, step_s)
+        other = None if reason is None else joinable(w)
+        if other is not None:
+            w.reason = reason
+            return finish(w, other.result())
         stop = None if reason is None else stop_for(w, reason)
         if stop is not None:
             return finish(w, run_registered(stop, reason or "terminate"))

@@ -103,6 +103,12 @@ class Members:
     def live(self) -> list[Pin]:
         return [p for p in self.pins.values() if p.status is None and not p.exited()]
 
+    def close_others(self) -> None:
+        """Close every pin but the leader's (which belongs to whoever pinned it)."""
+        for pin in self.pins.values():
+            if pin is not self.leader:
+                pin.close()
+
     def close(self) -> None:
         for pin in self.pins.values():
             pin.close()

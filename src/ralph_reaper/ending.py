@@ -10,13 +10,16 @@ messages are decided, so every face and the command line agree.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 from .backends.base import ExitStatus
 from .containment import Members
 from .dispatches import REGISTRY
 from .engine import (
+    ONGOING,
     Stop,
     StopOutcome,
     dispatch_stop,
@@ -53,6 +56,12 @@ def collect_leader(w: Watch) -> Optional[ExitStatus]:
         w.leader = None
     w.known = status
     return status
+
+
+def joinable(w: Watch) -> Optional[cf.Future[StopOutcome]]:
+    """A stop of this leader already under way (another call, face or thread): a face
+    whose limit runs out then reports that stop rather than racing it with its own."""
+    return None if w.leader is None else ONGOING.running(w.leader)
 
 
 def needs_sweep(w: Watch) -> bool:
@@ -105,10 +114,16 @@ def finish(w: Watch, outcome: Optional[StopOutcome]) -> DispatchCompletionResult
     """The result of a watch, once its leader has ended and any stop is over."""
     if outcome is None:
         outcome = StopOutcome(True, "not_running")
+    else:  # a stop's outcome may be shared by several faces: each edits its own copy
+        outcome = replace(outcome, stage_ms=dict(outcome.stage_ms), survivors=[*outcome.survivors])
     if outcome.method == "not_running" or w.reason is None:
         w.reason = None
-        if outcome.leader_status is None:
-            outcome.leader_status = collect_leader(w)
+    own = collect_leader(w)  # this face may have reaped it first, with its rusage
+    shared = outcome.leader_status
+    if shared is None or (
+        shared.rusage is None and own is not None and own.status == shared.status
+    ):
+        outcome.leader_status = own or shared
     if w.dispatch is not None:
         if outcome.method == "not_running":
             fold_keeper_report(w.dispatch, outcome)

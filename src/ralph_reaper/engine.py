@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .backends import get as get_backend
 from .backends.base import ExitStatus
@@ -257,19 +257,26 @@ def fold_keeper_report(
     status = command_status(report)
     if status is not None:
         outcome.leader_status = status
-    if plan is not None and outcome.method != "not_running":
-        stages = {k: v for k, v in outcome.stage_ms.items() if k == EOF}
-        stages.update(report_stage_ms(report))
-        outcome.stage_ms = stages
-        method = outcome.keeper_method or ""
-        if method == "natural":  # the command ended on its own once asked
-            method = EOF if plan.leader_stage == EOF else "sigterm"
-        if method in ("sigterm", "sigkill", "failed", EOF):
-            outcome.method = method
-        if outcome.survivors or method == "failed":
-            outcome.success = False
-            outcome.method = "failed"
+    if plan is None or outcome.method == "not_running":  # what the keeper stopped itself
+        outcome.stage_ms.update(report_stage_ms(report))
+    else:
+        _fold_keeper_stop(outcome, report, plan)
     return outcome
+
+
+def _fold_keeper_stop(outcome: StopOutcome, report: dict[str, Any], plan: StopPlan) -> None:
+    """A stop the keeper ran: its stages after the host's EOF, and its account of the end."""
+    stages = {k: v for k, v in outcome.stage_ms.items() if k == EOF}
+    stages.update(report_stage_ms(report))
+    outcome.stage_ms = stages
+    method = outcome.keeper_method or ""
+    if method == "natural":  # the command ended on its own once asked
+        method = EOF if plan.leader_stage == EOF else "sigterm"
+    if method in ("sigterm", "sigkill", "failed", EOF):
+        outcome.method = method
+    if outcome.survivors or method == "failed":
+        outcome.success = False
+        outcome.method = "failed"
 
 
 def drive(stop: Stop) -> StopOutcome:
@@ -399,12 +406,19 @@ class Ongoing:
         self._live: dict[int, tuple[int, str, cf.Future[StopOutcome]]] = {}
         self._ended: OrderedDict[int, tuple[int, str, cf.Future[StopOutcome]]] = OrderedDict()
 
-    def begin(self, leader: Pin, reason: str) -> cf.Future[StopOutcome]:
-        future: cf.Future[StopOutcome] = cf.Future()
+    def claim(self, leader: Pin, reason: str) -> tuple[cf.Future[StopOutcome], bool]:
+        """Register a stop of ``leader``: (its future, True), or the future of the stop
+        already under way and False (then the caller reports that one, not a second)."""
         with self._lock:
+            entry = self._live.get(leader.pid)
+            if entry is not None and (
+                not entry[0] or not leader.starttime or entry[0] == leader.starttime
+            ):
+                return entry[2], False
+            future: cf.Future[StopOutcome] = cf.Future()
             self._live[leader.pid] = (leader.starttime, reason, future)
             self._ended.pop(leader.pid, None)
-        return future
+        return future, True
 
     def end(self, leader: Pin, future: cf.Future[StopOutcome], outcome: StopOutcome) -> None:
         if not future.done():
@@ -416,6 +430,14 @@ class Ongoing:
                 self._ended[leader.pid] = entry
                 while len(self._ended) > self.MAX_ENDED:
                     self._ended.popitem(last=False)
+
+    def running(self, leader: Pin) -> Optional[cf.Future[StopOutcome]]:
+        """The outcome-to-be of a stop of ``leader`` in progress, if one is."""
+        with self._lock:
+            entry = self._live.get(leader.pid)
+        if entry is None or (entry[0] and leader.starttime and entry[0] != leader.starttime):
+            return None
+        return entry[2]
 
     def get(self, leader: Pin) -> Optional[tuple[str, cf.Future[StopOutcome]]]:
         with self._lock:
@@ -433,7 +455,10 @@ def run_registered(stop: Stop, reason: str) -> StopOutcome:
     leader = stop.leader
     if leader is None:
         return drive(stop)
-    future = ONGOING.begin(leader, reason)
+    future, mine = ONGOING.claim(leader, reason)
+    if not mine:  # another call is stopping it: its outcome is ours
+        stop.members.close_others()
+        return future.result()
     outcome: Optional[StopOutcome] = None
     try:
         outcome = drive(stop)

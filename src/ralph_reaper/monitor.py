@@ -47,14 +47,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from .backends import get as get_backend
 from .backends.base import EpollSet, ExitStatus
 from .containment import sessions_in_use
-from .ending import collect_leader, finish, needs_sweep, stop_for, sweep_for
+from .ending import collect_leader, finish, joinable, needs_sweep, stop_for, sweep_for
 from .engine import ONGOING, Stop, StopOutcome, not_running
 from .logs import resolve_logger
 from .pins import Pin
+from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchCompletionResult
 from .timers import Timer, TimerHeap
 from .waiting import FIRST_STEP_S, MAX_STEP_S
-from .watches import DEFAULT_EOF_WAIT_MS, PROGRESS_EVERY_S, Watch, prepare
+from .watches import PROGRESS_EVERY_S, Watch, prepare
 
 if TYPE_CHECKING:
     from concurrent.futures._base import DoneAndNotDoneFutures
@@ -464,10 +465,10 @@ class DispatchMonitor:
                 if entry is None:
                     continue
                 pin = entry.tokens.pop(ev.token)
-                pin.reaped = ev.reaped
-                if ev.status is not None:
-                    pin.status = ExitStatus(ev.status, ev.rusage)
-                elif not ev.reaped:
+                pin.set_exit(
+                    None if ev.status is None else ExitStatus(ev.status, ev.rusage), ev.reaped
+                )
+                if pin.status is None and not ev.reaped:
                     with contextlib.suppress(OSError):  # then its status is unknown
                         pin.collect()
                 touched.setdefault(id(entry), (entry, []))[1].append(pin)
@@ -602,6 +603,13 @@ class DispatchMonitor:
     def _start_stop(self, entry: _Entry, reason: str) -> None:
         self._timers.cancel(entry.wake_timer)
         entry.wake_timer = None
+        other = joinable(entry.watch)
+        if other is not None:  # stopped by another call already: report that stop
+            self._unregister_all(entry)
+            entry.state = _ENDING
+            entry.watch.reason, entry.ongoing = reason, other
+            other.add_done_callback(lambda _f: self._post(_CMD_OTHER_STOP, entry))
+            return
         stop = stop_for(entry.watch, reason)
         if stop is None:  # it ended as time ran out
             self._natural(entry)
@@ -609,7 +617,14 @@ class DispatchMonitor:
         self._unregister_all(entry)  # the stop awaits the leader among its members
         leader = entry.watch.leader
         if leader is not None:
-            entry.ongoing = ONGOING.begin(leader, reason)
+            future, mine = ONGOING.claim(leader, reason)
+            if not mine:  # claimed by another call meanwhile: report that stop
+                stop.members.close_others()
+                entry.state = _ENDING
+                entry.ongoing = future
+                future.add_done_callback(lambda _f: self._post(_CMD_OTHER_STOP, entry))
+                return
+            entry.ongoing = future
         self._run_stop(entry, stop)
 
     def _run_stop(self, entry: _Entry, stop: Stop) -> None:

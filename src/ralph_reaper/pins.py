@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import threading
+from collections import OrderedDict
 from typing import Optional
 
 from .backends.base import Backend, ExitStatus
@@ -37,6 +38,39 @@ def _raise_nofile_once() -> bool:
             return False
         _log.info(f"ralph-reaper: raised the open-file limit from {soft} to {hard}")
         return True
+
+
+class _Reaped:
+    """The exits this process reaped, by pid and start time (bounded).
+
+    Several pins may hold one process (a wait, a monitor and a stop of the
+    same dispatch): the one that reaps it gets the wait status with rusage,
+    the others only what the kernel keeps for a reaped process (no rusage),
+    or nothing at all without pidfds. They look here first.
+    """
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_pid: OrderedDict[int, tuple[int, ExitStatus]] = OrderedDict()
+
+    def note(self, pin: Pin, status: ExitStatus) -> None:
+        with self._lock:
+            self._by_pid[pin.pid] = (pin.starttime, status)
+            self._by_pid.move_to_end(pin.pid)
+            while len(self._by_pid) > self.MAX:
+                self._by_pid.popitem(last=False)
+
+    def get(self, pin: Pin) -> Optional[ExitStatus]:
+        with self._lock:
+            entry = self._by_pid.get(pin.pid)
+        if entry is None or (entry[0] and pin.starttime and entry[0] != pin.starttime):
+            return None
+        return entry[1]
+
+
+REAPED = _Reaped()
 
 
 class Pin:
@@ -95,6 +129,19 @@ class Pin:
             return None
         return cls(backend, pid, -1, st.starttime)
 
+    def set_exit(self, status: Optional[ExitStatus], reaped: bool) -> None:
+        """Record an exit learned elsewhere (a batch drain); None: the exit, status unknown."""
+        if reaped:
+            self.reaped = True
+            if status is not None:
+                REAPED.note(self, status)
+        else:  # what this process reaped through another pin has the rusage
+            booked = REAPED.get(self)
+            if booked is not None and (status is None or booked.status == status.status):
+                status = booked
+        if status is not None:
+            self.status = status
+
     def _same_process(self) -> Optional[str]:
         """Without a pidfd: the process state if the pid is still ours, else None."""
         st = self.backend.proc_stat(self.pid)
@@ -148,19 +195,21 @@ class Pin:
             try:
                 reaped = self.backend.waitid_pidfd(self.fd, True)
             except ChildProcessError:
-                raw = self.backend.pidfd_exit_status(self.fd)
-                if raw is None:
-                    raw = self._zombie_code()
-                if raw is None:  # reaped by its parent between the two reads
-                    raw = self.backend.pidfd_exit_status(self.fd)
-                if raw is not None:
-                    self.status = ExitStatus(raw)
+                self.set_exit(self._foreign_exit(), False)
                 return self.status
             if reaped is not None:
-                self.status = reaped
-                self.reaped = True
+                self.set_exit(reaped, True)
             return self.status
         return self._collect_polling()
+
+    def _foreign_exit(self) -> Optional[ExitStatus]:
+        """The exit of a process someone else reaps: what the kernel kept, if anything."""
+        raw = self.backend.pidfd_exit_status(self.fd)
+        if raw is None:
+            raw = self._zombie_code()
+        if raw is None:  # reaped by its parent between the two reads
+            raw = self.backend.pidfd_exit_status(self.fd)
+        return None if raw is None else ExitStatus(raw)
 
     def reap_if_child(self) -> None:
         """Reap an exited process that has become our child since its exit was seen.
@@ -183,8 +232,7 @@ class Pin:
         except ChildProcessError:
             return
         if got is not None:
-            self.status = got
-            self.reaped = True
+            self.set_exit(got, True)
 
     def _zombie_code(self) -> Optional[int]:
         st = self.backend.proc_stat(self.pid)
@@ -196,8 +244,9 @@ class Pin:
         from .backends.polling import wait4_nohang
 
         state = self._same_process()
-        if state is None:
-            return None
+        if state is None:  # gone: reaped, by this process perhaps
+            self.status = REAPED.get(self)
+            return self.status
         try:
             reaped = wait4_nohang(self.pid)
         except ChildProcessError:
@@ -206,7 +255,7 @@ class Pin:
                 self.status = ExitStatus(raw)
             return self.status
         if reaped is not None:
-            self.status = reaped
+            self.set_exit(reaped, True)
         return self.status
 
     def close(self) -> None:

@@ -41,6 +41,8 @@ EOF, TERM, KILL = "eof", "sigterm", "sigkill"
 KILL_WAIT_S = 2.0
 #: Discovery rounds per stage (members forked while the stage settles).
 ROUNDS = 5
+#: How long the EOF stage waits unless the caller says otherwise.
+DEFAULT_EOF_WAIT_MS = 1000.0
 
 
 @dataclass(frozen=True)

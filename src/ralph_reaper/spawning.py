@@ -21,6 +21,7 @@ from .backends import get as get_backend
 from .dispatches import REGISTRY, Dispatch
 from .keeper_client import KeeperLink, keeper_argv
 from .keeper_path import keeper_path
+from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchResult
 from .validation import check_ms
 
@@ -96,7 +97,11 @@ def spawn_dispatch(
     in ``error`` (as ``run_ticket_dispatch`` did); bad arguments raise
     TypeError/ValueError before anything is started. ``timeout_ms`` and
     ``idle_timeout_ms`` become the defaults of ``wait_for_dispatch_completion``
-    for this dispatch.
+    for this dispatch (and of the monitor and asyncio faces): a face waiting at
+    the timeout stops it as it stops any dispatch, EOF first. Under a keeper
+    the timeout also holds when nobody waits: the keeper's own timer falls
+    that much later, plus the default EOF wait when the package holds the
+    dispatch's stdin, so that it never cuts short the EOF stage of a face.
     """
     args = _check_argv(argv)
     timeout_ms, idle_timeout_ms, grace_ms = _check_options(
@@ -123,7 +128,11 @@ def spawn_dispatch(
                 grace_ms=grace_ms,
                 parent_pid=os.getpid() if die_with_parent else None,
                 exit_file=None if exit_file is None else os.fspath(exit_file),
-                timeout_ms=timeout_ms,
+                # A waiting face begins its stop with EOF at the timeout; the
+                # keeper's own timer (for when nobody waits) leaves room for it.
+                timeout_ms=timeout_ms + (DEFAULT_EOF_WAIT_MS if stdin_fd is not None else 0)
+                if timeout_ms > 0
+                else 0,
                 command=args,
             )
         popen = subprocess.Popen(

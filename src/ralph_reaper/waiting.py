@@ -95,10 +95,9 @@ def wait_all(
             if epset is not None and by_token:
                 for event in epset.drain(wait_s, 1024):
                     pin = by_token.pop(event.token)
-                    pin.reaped = event.reaped
-                    if event.status is not None:
-                        pin.status = ExitStatus(event.status, event.rusage)
-                    elif not event.reaped:
+                    known = None if event.status is None else ExitStatus(event.status, event.rusage)
+                    pin.set_exit(known, event.reaped)
+                    if pin.status is None and not event.reaped:
                         pin.collect()
             elif wait_s is not None:
                 time.sleep(wait_s)

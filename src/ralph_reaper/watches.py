@@ -22,12 +22,12 @@ from .exits import BOOK
 from .idle import IdleWatch
 from .logs import LogSink
 from .pins import Pin
+from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchCompletionResult, DispatchCompletionStatus
 from .validation import check_ms, check_signal_target
 
 #: A progress line this often while a dispatch runs.
 PROGRESS_EVERY_S = 30.0
-DEFAULT_EOF_WAIT_MS = 1000.0
 
 
 @dataclass
@@ -42,7 +42,9 @@ class Watch:
     started: float
     grace_s: float = 5.0
     eof_wait_s: float = DEFAULT_EOF_WAIT_MS / 1000.0
+    #: The timeout as configured (for messages); ``timeout_at`` is when it falls.
     limit_s: float = 0.0
+    timeout_at: Optional[float] = None
     idle_s: float = 0.0
     stop_leftovers: bool = True
     dispatch: Optional[Dispatch] = None
@@ -63,7 +65,7 @@ class Watch:
 
     @property
     def deadline(self) -> Optional[float]:
-        return self.started + self.limit_s if self.limit_s > 0 else None
+        return self.timeout_at
 
     def idle_sample_s(self) -> float:
         return min(max(self.idle_s / 4.0, 0.05), 1.0)
@@ -166,11 +168,12 @@ def _adopt(w: Watch, dispatch: Optional[Dispatch], timeout_s: float, idle_s: flo
         w.base["containment"] = dispatch.containment
         if dispatch.keeper is not None:
             w.stop_leftovers = False  # the keeper stops them before it exits
-        if timeout_s <= 0 and dispatch.timeout_ms > 0:
-            timeout_s = max(0.0, dispatch.spawned_at + dispatch.timeout_ms / 1000.0 - w.started)
-            timeout_s = timeout_s or 1e-9
         idle_s = idle_s or dispatch.idle_timeout_ms / 1000.0
-    w.limit_s = timeout_s
+    if timeout_s > 0:
+        w.limit_s, w.timeout_at = timeout_s, w.started + timeout_s
+    elif dispatch is not None and dispatch.timeout_ms > 0:  # its own, counted from the spawn
+        w.limit_s = dispatch.timeout_ms / 1000.0
+        w.timeout_at = dispatch.spawned_at + w.limit_s
     w.idle_s = idle_s
     w.known = BOOK.lookup(w.backend, w.pid)
     if w.known is None:
