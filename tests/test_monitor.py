@@ -468,3 +468,30 @@ def test_progress_is_one_line_for_the_whole_monitor(
     assert all(f.result().stop_reason == "close" for f in futures)
     # One line per tick for all five, naming the dispatch watched longest.
     assert all(line.startswith("5 dispatch(es) still running; longest: pg-0") for line in lines[:3])
+
+
+def test_terminate_during_a_monitor_stop_reports_that_stop(backend: str, kids: Kids) -> None:
+    # The monitor's timeout stop is in its grace (the tree ignores SIGTERM) when
+    # another call asks to stop the same dispatch: that call reports the stop
+    # under way instead of running a second one beside it, and leaks nothing.
+    proc = kids.sh("trap '' TERM; sleep 60")
+    started = threading.Event()
+
+    class Logger:
+        def warning(self, msg: str) -> None:
+            if "timed out" in msg:
+                started.set()
+
+        def info(self, msg: str) -> None:
+            pass
+
+        error = debug = info
+
+    with DispatchMonitor(Logger()) as monitor:
+        future = monitor.watch(dispatch(proc.pid), "pt-1", timeout_ms=50, graceful_shutdown_ms=800)
+        assert started.wait(30)
+        joined = graceful_terminate_dispatch(proc.pid, kill_wait_ms=100)
+        result = future.result(30)
+    assert joined == (True, "sigkill")
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert result.termination_method == "sigkill"

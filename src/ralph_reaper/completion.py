@@ -129,6 +129,7 @@ def terminate(
             first_signal=first_signal,
         )
         outcome = run_registered(stop, reason)
+        leader.close()  # closed by the stop already, unless it joined another one
     if dispatch is not None:
         if outcome.method == "not_running":
             fold_keeper_report(dispatch, outcome)
