@@ -281,3 +281,41 @@ def test_a_member_of_another_user_is_a_survivor_not_an_exception(backend: str) -
     assert (status, method) == ("error", "failed")
     assert "survivors: [" in error and "survivors: []" not in error
     assert out["terminate_fds"] == 0 and out["wait_fds"] == 0
+
+
+def test_a_reap_under_way_on_another_thread_is_waited_for(backend: str, kids: procs.Kids) -> None:
+    """Two pins of one process: one thread reaps it, the other must not call it unknown.
+
+    The kernel refuses ``waitid`` on a task that another thread has claimed
+    but not yet released, and until that thread returns nothing in this
+    process says how it exited. The window is a few instructions wide and
+    cannot be held open from outside, so the test holds it open from inside:
+    it announces its reap, reaps with ``wait4`` itself, and notes the status
+    only once the second pin is seen waiting for it.
+    """
+    from ralph_reaper.backends import get
+    from ralph_reaper.backends.base import ExitStatus, Rusage
+    from ralph_reaper.pins import REAPED, Pin
+
+    proc = kids.sh("exit 7")
+    assert procs.wait_until(lambda: procs.state(proc.pid) == "Z")
+    mine = Pin.open(get(), proc.pid)
+    theirs = Pin.open(get(), proc.pid)
+    assert mine is not None and theirs is not None
+    seen: list[Optional[ExitStatus]] = []
+    try:
+        with REAPED.reaping(mine):
+            got, status, ru = os.wait4(proc.pid, 0)
+            proc.returncode = 7  # reaped here; Popen must not wait for it
+            reader = threading.Thread(target=lambda: seen.append(theirs.collect()))
+            reader.start()
+            assert procs.wait_until(lambda: REAPED.readers_waiting > 0 or not reader.is_alive())
+            assert reader.is_alive(), f"reported before the reap was noted: {seen}"
+            mine.set_exit(ExitStatus(status, Rusage(ru.ru_utime, ru.ru_stime, ru.ru_maxrss)), True)
+        reader.join()
+    finally:
+        mine.close()
+        theirs.close()
+    assert got == proc.pid
+    assert seen[0] is not None and seen[0].status == 7 << 8
+    assert seen[0].rusage is not None, "the status noted by the reaper carries its rusage"

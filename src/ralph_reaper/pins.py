@@ -7,12 +7,15 @@ dispatch degraded after EMFILE) a pin is the pid plus its start time from
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import resource
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Optional
 
 from .backends.base import Backend, ExitStatus
@@ -47,23 +50,54 @@ class _Reaped:
     same dispatch): the one that reaps it gets the wait status with rusage,
     the others only what the kernel keeps for a reaped process (no rusage),
     or nothing at all without pidfds. They look here first.
+
+    A reap in progress on another thread is announced (:meth:`reaping`): a
+    pin that finds the process gone while that call has not yet returned
+    waits for its note instead of reporting the exit as unknown.
     """
 
     MAX = 4096
+    #: How long a reader waits for a reap in progress to be noted.
+    WAIT_S = 2.0
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._by_pid: OrderedDict[int, tuple[int, ExitStatus]] = OrderedDict()
+        self._in_flight: dict[int, int] = {}
+        #: Readers now waiting for a reap in progress (seen by tests).
+        self.readers_waiting = 0
+
+    @contextlib.contextmanager
+    def reaping(self, pin: Pin) -> Iterator[None]:
+        """Mark a reaping call on ``pin`` as under way until it returns."""
+        with self._cond:
+            self._in_flight[pin.pid] = self._in_flight.get(pin.pid, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                left = self._in_flight[pin.pid] - 1
+                if left:
+                    self._in_flight[pin.pid] = left
+                else:
+                    del self._in_flight[pin.pid]
+                self._cond.notify_all()
 
     def note(self, pin: Pin, status: ExitStatus) -> None:
-        with self._lock:
+        with self._cond:
             self._by_pid[pin.pid] = (pin.starttime, status)
             self._by_pid.move_to_end(pin.pid)
             while len(self._by_pid) > self.MAX:
                 self._by_pid.popitem(last=False)
 
     def get(self, pin: Pin) -> Optional[ExitStatus]:
-        with self._lock:
+        with self._cond:
+            if pin.pid in self._in_flight:
+                self.readers_waiting += 1
+                try:
+                    self._cond.wait_for(lambda: pin.pid not in self._in_flight, self.WAIT_S)
+                finally:
+                    self.readers_waiting -= 1
             entry = self._by_pid.get(pin.pid)
         if entry is None or (entry[0] and pin.starttime and entry[0] != pin.starttime):
             return None
@@ -193,23 +227,39 @@ class Pin:
             return self.status
         if self.fd >= 0:
             try:
-                reaped = self.backend.waitid_pidfd(self.fd, True)
+                with REAPED.reaping(self):
+                    reaped = self.backend.waitid_pidfd(self.fd, True)
+                    if reaped is not None:
+                        self.set_exit(reaped, True)
             except ChildProcessError:
                 self.set_exit(self._foreign_exit(), False)
                 return self.status
-            if reaped is not None:
-                self.set_exit(reaped, True)
             return self.status
         return self._collect_polling()
 
     def _foreign_exit(self) -> Optional[ExitStatus]:
-        """The exit of a process someone else reaps: what the kernel kept, if anything."""
-        raw = self.backend.pidfd_exit_status(self.fd)
-        if raw is None:
-            raw = self._zombie_code()
-        if raw is None:  # reaped by its parent between the two reads
+        """The exit of a process someone else reaps: what the kernel kept, if anything.
+
+        ``waitid`` refuses (ECHILD) both a process that is not our child and
+        one that its reaper (our other thread, or its parent) has claimed but
+        not yet released: the kernel records the exit for the pidfd only on
+        release. A task in that state shows as ``X`` in ``/proc``; its record
+        is a few instructions away, so it is waited for, not reported unknown.
+        """
+        give_up = time.monotonic() + _Reaped.WAIT_S
+        while True:
             raw = self.backend.pidfd_exit_status(self.fd)
-        return None if raw is None else ExitStatus(raw)
+            if raw is not None:
+                return ExitStatus(raw)
+            st = self.backend.proc_stat(self.pid)
+            if st is None or (self.starttime and st.starttime != self.starttime):
+                raw = self.backend.pidfd_exit_status(self.fd)  # released: recorded by now
+                return None if raw is None else ExitStatus(raw)
+            if st.state == "Z":
+                return ExitStatus(st.exit_code)
+            if st.state != "X" or time.monotonic() >= give_up:
+                return None
+            time.sleep(0.0005)
 
     def reap_if_child(self) -> None:
         """Reap an exited process that has become our child since its exit was seen.
@@ -220,19 +270,20 @@ class Pin:
         """
         if self.reaped or not self.exited():
             return
-        try:
-            if self.fd >= 0:
-                got = self.backend.waitid_pidfd(self.fd, True)
-            elif self._same_process() is not None:
-                from .backends.polling import wait4_nohang
+        from .backends.polling import wait4_nohang
 
-                got = wait4_nohang(self.pid)
-            else:
-                return
+        try:
+            with REAPED.reaping(self):
+                if self.fd >= 0:
+                    got = self.backend.waitid_pidfd(self.fd, True)
+                elif self._same_process() is not None:
+                    got = wait4_nohang(self.pid)
+                else:
+                    return
+                if got is not None:
+                    self.set_exit(got, True)
         except ChildProcessError:
             return
-        if got is not None:
-            self.set_exit(got, True)
 
     def _zombie_code(self) -> Optional[int]:
         st = self.backend.proc_stat(self.pid)
@@ -248,14 +299,14 @@ class Pin:
             self.status = REAPED.get(self)
             return self.status
         try:
-            reaped = wait4_nohang(self.pid)
+            with REAPED.reaping(self):
+                reaped = wait4_nohang(self.pid)
+                if reaped is not None:
+                    self.set_exit(reaped, True)
         except ChildProcessError:
             raw = self._zombie_code() if state == "Z" else None
             if raw is not None:
                 self.status = ExitStatus(raw)
-            return self.status
-        if reaped is not None:
-            self.set_exit(reaped, True)
         return self.status
 
     def close(self) -> None:
