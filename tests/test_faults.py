@@ -23,7 +23,12 @@ from typing import Optional
 import pytest
 
 import procs
-from ralph_reaper import DispatchCompletionStatus, DispatchResult, wait_for_dispatch_completion
+from ralph_reaper import (
+    DispatchCompletionStatus,
+    DispatchResult,
+    poll_dispatch_status,
+    wait_for_dispatch_completion,
+)
 from ralph_reaper.backends import problems
 
 HOUR_MS = 3_600_000.0
@@ -319,3 +324,60 @@ def test_a_reap_under_way_on_another_thread_is_waited_for(backend: str, kids: pr
     assert got == proc.pid
     assert seen[0] is not None and seen[0].status == 7 << 8
     assert seen[0].rusage is not None, "the status noted by the reaper carries its rusage"
+
+
+def test_concurrent_polls_and_waits_of_one_pid_all_know_its_code(
+    backend: str, kids: procs.Kids
+) -> None:
+    """Eight polling threads and two waits on one child: every one of them gets code 5."""
+    proc = kids.sh("sleep 0.3; exit 5")
+    polls: list[tuple[bool, Optional[int]]] = []
+    waits: list[DispatchResult] = []
+
+    def poller() -> None:
+        while True:
+            got = poll_dispatch_status(proc.pid)
+            if not got[0]:
+                polls.append(got)
+                return
+
+    def waiter() -> None:
+        waits.append(wait_for_dispatch_completion(_dispatch(proc.pid), "pt-1"))
+
+    threads = [threading.Thread(target=poller) for _ in range(8)]
+    threads += [threading.Thread(target=waiter) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    proc.returncode = 5  # reaped by one of them; Popen must not wait for it
+    assert polls == [(False, 5)] * 8
+    assert [w.return_code for w in waits] == [5, 5], [w.error for w in waits]
+
+
+def test_a_pin_stored_by_a_poll_that_lost_the_race_is_closed(
+    backend: str, kids: procs.Kids
+) -> None:
+    """A poll that saw the child running stores its pin after another poll saw it exit.
+
+    The two polls' interleaving cannot be forced from outside, so the test
+    plays the late poll's part itself: it opens a pin while the child runs and
+    stores it once the exit is recorded. The next poll must close it: nothing
+    else would ever take it back.
+    """
+    from ralph_reaper.backends import get
+    from ralph_reaper.exits import BOOK
+    from ralph_reaper.pins import Pin
+
+    proc = kids.sh("read _; exit 4", stdin=subprocess.PIPE)
+    late = Pin.open(get(), proc.pid)
+    assert late is not None
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert procs.wait_until(lambda: procs.state(proc.pid) in ("Z", None))
+    assert poll_dispatch_status(proc.pid) == (False, 4)
+    proc.returncode = 4
+    BOOK.hold(late)
+    assert poll_dispatch_status(proc.pid) == (False, 4)
+    assert BOOK.take(proc.pid) is None, "the late pin is still held"
+    assert late.fd == -1, "the late pin's pidfd is still open"

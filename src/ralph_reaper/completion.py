@@ -9,10 +9,12 @@ stops reach the whole tree, exit codes are never lost.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from typing import Any, Optional
 
 from .backends import get as get_backend
+from .backends.base import Backend
 from .containment import Members
 from .dispatches import REGISTRY
 from .ending import finish, joinable, stop_for, sweep_for
@@ -44,12 +46,24 @@ def poll_dispatch_status(pid: int) -> tuple[bool, Optional[int]]:
     """
     pid = check_pid(pid)
     backend = get_backend()
+    with _POLLS:
+        return _poll(backend, pid)
+
+
+#: Polls are short and never block; taking them one at a time means a poll
+#: never holds a pin that a concurrent poll has already settled.
+_POLLS = threading.Lock()
+
+
+def _poll(backend: Backend, pid: int) -> tuple[bool, Optional[int]]:
     known = BOOK.lookup(backend, pid)
     if known is not None:
+        BOOK.drop_exited(pid)
         return False, known.return_code
     pin = BOOK.take(pid) or Pin.open(backend, pid)
-    if pin is None:
-        return False, None
+    if pin is None:  # gone: perhaps reaped by a wait on another thread just now
+        known = BOOK.lookup(backend, pid)
+        return False, None if known is None else known.return_code
     if not pin.exited():
         BOOK.hold(pin)
         return True, None

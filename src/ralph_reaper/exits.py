@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from .backends.base import Backend, ExitStatus
-from .pins import Pin
+from .pins import REAPED, Pin
 
 MAX_EXITS = 4096
 MAX_PINS = 256
@@ -37,9 +37,16 @@ class ExitBook:
                 self._exits.popitem(last=False)
 
     def lookup(self, backend: Backend, pid: int) -> Optional[ExitStatus]:
-        """The remembered exit of ``pid``, unless a new process now has that pid."""
+        """The remembered exit of ``pid``, unless a new process now has that pid.
+
+        An exit reaped through any pin of this process counts, even before its
+        reaper got round to remembering it here: a poll racing a wait must not
+        find the pid gone and call its exit unknown.
+        """
         with self._lock:
             entry = self._exits.get(pid)
+        if entry is None:
+            entry = REAPED.latest(pid)
         if entry is None:
             return None
         starttime, status = entry
@@ -63,6 +70,19 @@ class ExitBook:
                 evicted.append(self._pins.popitem(last=False)[1])
         for stale in evicted:
             stale.close()
+
+    def drop_exited(self, pid: int) -> None:
+        """Close a pin still held for ``pid`` once its process has exited.
+
+        A poll that saw the process running holds its pin; if a concurrent
+        call recorded the exit meanwhile, nothing would ever take that pin back.
+        """
+        with self._lock:
+            pin = self._pins.get(pid)
+            if pin is None or not pin.exited():
+                return
+            del self._pins[pid]
+        pin.close()
 
     def take(self, pid: int) -> Optional[Pin]:
         with self._lock:
