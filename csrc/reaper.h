@@ -62,6 +62,7 @@ struct rr_proc_stat {
     int session;
     unsigned long long starttime; /* clock ticks after boot (field 22) */
     int exit_code;                /* field 52: wait status of a zombie, else 0 */
+    int threads;                  /* field 20: threads in the group, a zombie leader included */
 };
 /* 0 and *out filled, or -errno (-ENOENT/-ESRCH: no such process). */
 int rr_proc_stat(int pid, struct rr_proc_stat *out);

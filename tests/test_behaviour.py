@@ -660,3 +660,37 @@ def test_terminate_does_not_touch_a_process_outside_the_tree(backend: str, kids:
     assert procs.state(bystander.pid) == "S"
     assert graceful_terminate_dispatch(bystander.pid) == (True, "sigterm")
     assert_no_trace(bystander.pid)
+
+
+LEADER_THREAD_GONE = (
+    "import ctypes, subprocess, threading, time\n"
+    "child = subprocess.Popen(['sleep', '60'])\n"
+    "print(child.pid, flush=True)\n"
+    "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+    "ctypes.CDLL(None).pthread_exit(None)\n"
+)
+
+
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def test_a_leader_whose_main_thread_exited_still_runs(backend: str, kids: Kids) -> None:
+    """The main thread exits, another thread and a child run on: the dispatch has not ended.
+
+    /proc shows such a leader as a zombie (``Z``); only an empty thread group
+    is an exit. A timeout then stops the process and its child.
+    """
+    proc = kids.py(LEADER_THREAD_GONE, stdout=subprocess.PIPE)
+    child = int(read_line(proc))
+    assert procs.wait_until(lambda: procs.state(proc.pid) == "Z" and _threads(proc.pid) > 1)
+    assert poll_dispatch_status(proc.pid) == (True, None)
+    result = wait(proc.pid, timeout_ms=SHORT_MS)
+    assert result.status is DispatchCompletionStatus.TIMEOUT, result.error
+    assert result.return_code == -signal.SIGTERM
+    assert result.descendants_killed >= 1
+    kill_own_orphan(child)
+    assert_no_trace(proc.pid, child)

@@ -381,3 +381,45 @@ def test_a_pin_stored_by_a_poll_that_lost_the_race_is_closed(
     assert poll_dispatch_status(proc.pid) == (False, 4)
     assert BOOK.take(proc.pid) is None, "the late pin is still held"
     assert late.fd == -1, "the late pin's pidfd is still open"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("face", ["monitor", "aio"])
+def test_more_dispatches_than_file_descriptors(backend: str, face: str) -> None:
+    """120 dispatches watched at once under a hard limit of 64 fds: every exit is reported.
+
+    Pidfds stop short of the limit, and the dispatches past it are polled, so
+    the /proc reads that polling needs still find a free descriptor.
+    """
+    code = (
+        "import asyncio, resource, subprocess, sys\n"
+        "from ralph_reaper import DispatchMonitor, DispatchResult, aio\n"
+        "from ralph_reaper.backends import using\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "kids = [subprocess.Popen(['sh', '-c', 'sleep 0.5; exit 3'], start_new_session=True)\n"
+        "        for _ in range(120)]\n"
+        "ds = [DispatchResult('s', f't{i}', 'launched', p.pid) for i, p in enumerate(kids)]\n"
+        "async def gather():\n"
+        "    return await asyncio.gather(\n"
+        "        *(aio.wait_for_dispatch_completion(d, d.ticket_id) for d in ds))\n"
+        "with using(sys.argv[1]):\n"
+        "    if sys.argv[2] == 'monitor':\n"
+        "        with DispatchMonitor() as m:\n"
+        "            futures = [m.watch(d, d.ticket_id) for d in ds]\n"
+        "            results = [f.result(timeout=50) for f in futures]\n"
+        "    else:\n"
+        "        results = asyncio.run(gather())\n"
+        "for p in kids:\n"
+        "    p.returncode = 3  # reaped by the package\n"
+        "print(sorted({(r.status.value, r.return_code) for r in results}))\n"
+    )
+    env = procs.child_env()
+    done = subprocess.run(
+        [sys.executable, "-c", code, backend, face],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=200,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[('error', 3)]", done.stdout

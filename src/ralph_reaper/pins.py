@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Optional
 
-from .backends.base import Backend, ExitStatus
+from .backends.base import Backend, ExitStatus, ProcStat
 
 _log = logging.getLogger("ralph_reaper")
 _nofile_raised = False
@@ -187,12 +187,12 @@ class Pin:
         if status is not None:
             self.status = status
 
-    def _same_process(self) -> Optional[str]:
-        """Without a pidfd: the process state if the pid is still ours, else None."""
+    def _same_process(self) -> Optional[ProcStat]:
+        """Without a pidfd: the process's stat if the pid is still ours, else None."""
         st = self.backend.proc_stat(self.pid)
         if st is None or st.starttime != self.starttime:
             return None
-        return st.state
+        return st
 
     def exited(self) -> bool:
         """True once the process has exited (a zombie has exited)."""
@@ -200,8 +200,8 @@ class Pin:
             return True
         if self.fd >= 0:
             return bool(self.backend.wait_readable([self.fd], 0.0))
-        state = self._same_process()
-        return state is None or state in ("Z", "X")
+        st = self._same_process()
+        return st is None or st.ended
 
     def signal(self, sig: int) -> bool:
         """Deliver ``sig``; False when the process is already gone or not ours to signal.
@@ -266,9 +266,9 @@ class Pin:
             if st is None or (self.starttime and st.starttime != self.starttime):
                 raw = self.backend.pidfd_exit_status(self.fd)  # released: recorded by now
                 return None if raw is None else ExitStatus(raw)
-            if st.state == "Z":
+            if st.state == "Z" and st.ended:
                 return ExitStatus(st.exit_code)
-            if st.state != "X" or time.monotonic() >= give_up:
+            if not st.ended or time.monotonic() >= give_up:
                 return None
             time.sleep(0.0005)
 
@@ -298,15 +298,15 @@ class Pin:
 
     def _zombie_code(self) -> Optional[int]:
         st = self.backend.proc_stat(self.pid)
-        if st is not None and st.state == "Z" and st.starttime == self.starttime:
+        if st is not None and st.state == "Z" and st.ended and st.starttime == self.starttime:
             return st.exit_code
         return None
 
     def _collect_polling(self) -> Optional[ExitStatus]:
         from .backends.polling import wait4_nohang
 
-        state = self._same_process()
-        if state is None:  # gone: reaped, by this process perhaps
+        st = self._same_process()
+        if st is None:  # gone: reaped, by this process perhaps
             self.status = REAPED.get(self)
             return self.status
         try:
@@ -315,7 +315,7 @@ class Pin:
                 if reaped is not None:
                     self.set_exit(reaped, True)
         except ChildProcessError:
-            raw = self._zombie_code() if state == "Z" else None
+            raw = self._zombie_code() if st.ended else None
             if raw is not None:
                 self.status = ExitStatus(raw)
         return self.status
@@ -326,20 +326,47 @@ class Pin:
             os.close(fd)
 
 
-def _pidfd_open(backend: Backend, pid: int) -> int:
-    """pidfd_open with the EMFILE policy: raise the limit once, then degrade to -1."""
+#: File descriptors kept free for what watching needs besides pidfds (the
+#: /proc reads of a polled pin, pipes, an epoll set): pidfds stop short of the
+#: limit rather than take its last slot, after which nothing could be read.
+FD_RESERVE = 16
+_degraded_logged = False
+
+
+def _near_limit(fd: int) -> bool:
+    """True when ``fd`` is within the reserve of the soft limit.
+
+    Descriptors are handed out lowest first, so a new one this high means
+    every lower slot is taken: at most the reserve is left.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft != resource.RLIM_INFINITY and fd >= soft - FD_RESERVE
+
+
+def _try_pidfd_open(backend: Backend, pid: int) -> int:
+    """A pidfd below the reserve, or -1 when the table is full or nearly so."""
     try:
-        return backend.pidfd_open(pid)
+        fd = backend.pidfd_open(pid)
     except OSError as exc:
         if exc.errno not in (errno.EMFILE, errno.ENFILE):
             raise
-    if _raise_nofile_once():
-        try:
-            return backend.pidfd_open(pid)
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-    _log.warning(
-        f"ralph-reaper: out of file descriptors; watching pid {pid} by polling /proc instead"
-    )
-    return -1
+        return -1
+    if _near_limit(fd):
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _pidfd_open(backend: Backend, pid: int) -> int:
+    """pidfd_open with the fd policy: raise the limit once, then degrade to -1 (polling)."""
+    global _degraded_logged
+    fd = _try_pidfd_open(backend, pid)
+    if fd < 0 and _raise_nofile_once():
+        fd = _try_pidfd_open(backend, pid)
+    if fd < 0 and not _degraded_logged:
+        _degraded_logged = True
+        _log.warning(
+            "ralph-reaper: few file descriptors left; watching the processes that "
+            "follow by polling /proc instead of by pidfd"
+        )
+    return fd

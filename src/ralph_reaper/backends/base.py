@@ -62,6 +62,14 @@ class ProcStat:
     session: int
     starttime: int
     exit_code: int
+    #: Threads in the group. A leader thread that exited shows ``Z`` while
+    #: others run: the process has not exited until this is down to one.
+    threads: int = 1
+
+    @property
+    def ended(self) -> bool:
+        """Exited as a whole (a zombie with no thread of its group left running)."""
+        return self.state in ("Z", "X") and self.threads <= 1
 
 
 @dataclass(frozen=True)

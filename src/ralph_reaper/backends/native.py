@@ -221,6 +221,7 @@ class NativeBackend:
             session=int(out.session),
             starttime=int(out.starttime),
             exit_code=int(out.exit_code),
+            threads=int(out.threads),
         )
 
     def descendants(self, roots: Sequence[int]) -> list[int]:

@@ -53,6 +53,7 @@ def parse_stat(data: bytes) -> Optional[ProcStat]:
         session=int(fields[3]),
         starttime=int(fields[19]),
         exit_code=exit_code,
+        threads=int(fields[17]),
     )
 
 
