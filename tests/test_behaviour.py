@@ -694,3 +694,35 @@ def test_a_leader_whose_main_thread_exited_still_runs(backend: str, kids: Kids) 
     assert result.descendants_killed >= 1
     kill_own_orphan(child)
     assert_no_trace(proc.pid, child)
+
+
+@pytest.mark.parametrize("face", ["blocking", "monitor", "aio"])
+def test_a_grace_period_of_years_is_a_duration_like_any_other(
+    backend: str, kids: Kids, face: str
+) -> None:
+    """A grace far beyond what one epoll or poll call can wait (2**31 ms) is waited in slices.
+
+    SIGTERM ends the sleep at once, so the grace is never used up: the point is
+    that passing it to the kernel neither overflows nor leaks the stop's pins.
+    """
+    from ralph_reaper import DispatchMonitor, aio
+
+    proc = kids.sh("sleep 60")
+    years_ms = 1e13
+    options: dict[str, Any] = {"timeout_ms": SHORT_MS, "graceful_shutdown_ms": years_ms}
+    if face == "blocking":
+        result = wait(proc.pid, **options)
+    elif face == "monitor":
+        with DispatchMonitor() as monitor:
+            result = monitor.watch(dispatch(proc.pid), "pt-1", **options).result(timeout=30)
+    else:
+        import asyncio
+
+        result = asyncio.run(
+            aio.wait_for_dispatch_completion(dispatch(proc.pid), "pt-1", **options)
+        )
+    assert result.status is DispatchCompletionStatus.TIMEOUT, result.error
+    assert result.termination_method == "sigterm"
+    assert result.return_code == -signal.SIGTERM
+    proc.returncode = -signal.SIGTERM  # reaped by the package
+    assert_no_trace(proc.pid)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import select
 import signal
 import struct
+import time
 from collections.abc import Sequence
 from typing import Optional
 
@@ -25,6 +27,26 @@ PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
 PIDFD_INFO_EXIT = 1 << 3
 _INFO_SIZE = 64
 _EXIT_CODE_OFFSET = 60
+
+
+#: The longest single wait handed to the kernel: epoll and poll take a C int
+#: of milliseconds, so a longer wait (a grace period of days) goes in slices.
+_MAX_SLICE_S = 3600.0
+
+
+def _deadline(timeout_s: Optional[float]) -> Optional[float]:
+    return None if timeout_s is None else time.monotonic() + max(timeout_s, 0.0)
+
+
+def _slice_s(deadline: Optional[float]) -> float:
+    """Seconds to wait now (-1: forever, in slices); never more than one slice."""
+    if deadline is None:
+        return _MAX_SLICE_S
+    return min(max(deadline - time.monotonic(), 0.0), _MAX_SLICE_S)
+
+
+def _expired(deadline: Optional[float]) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def status_from_siginfo(code: int, status: int) -> int:
@@ -101,7 +123,11 @@ class PureEpollSet:
         self._tokens.pop(fd, None)
 
     def drain(self, timeout_s: Optional[float], max_events: int = 256) -> list[DrainEvent]:
-        ready = self._ep.poll(-1 if timeout_s is None else max(timeout_s, 0.0), max_events)
+        deadline = _deadline(timeout_s)
+        while True:
+            ready = self._ep.poll(_slice_s(deadline), max_events)
+            if ready or _expired(deadline):
+                break
         out: list[DrainEvent] = []
         for fd, _mask in ready:
             token = self._tokens.get(fd)
@@ -155,8 +181,12 @@ class PureBackend(StdlibProcOps):
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
-        ms = None if timeout_s is None else max(0, int(timeout_s * 1000.0 + 0.999))
-        return [fd for fd, _ev in poller.poll(ms)]
+        deadline = _deadline(timeout_s)
+        while True:
+            left = _slice_s(deadline)
+            ready = poller.poll(math.ceil(left * 1000.0))
+            if ready or _expired(deadline):
+                return [fd for fd, _ev in ready]
 
     def epoll_set(self) -> PureEpollSet:
         return PureEpollSet()
