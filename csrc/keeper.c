@@ -702,7 +702,8 @@ static void pin_member(struct keeper *k, int pid, int sig)
         return; /* gone already */
     p.pid = pid;
     p.fd = fd < 0 ? -1 : fd;
-    if (rr_proc_stat(pid, &st) < 0 || st.state == 'Z' || st.state == 'X')
+    /* A zombie leader whose other threads still run has not exited. */
+    if (rr_proc_stat(pid, &st) < 0 || ((st.state == 'Z' || st.state == 'X') && st.threads <= 1))
         goto drop;
     if (st.ppid != k->me && pin_find(&k->pins, st.ppid) < 0)
         goto drop;

@@ -159,6 +159,13 @@ def timed_out(method: str, rc: int, sig: Optional[int]) -> dict[str, Any]:
     }
 
 
+#: A command whose main thread exits first, leaving a thread and a child running.
+LEADER_THREAD_GONE = (
+    "import ctypes, subprocess, threading, time\n"
+    "subprocess.Popen(['sleep', '30'])\n"
+    "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+    "ctypes.CDLL(None).pthread_exit(None)\n"
+)
 BUSY_LOOP = "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; exit 0"
 
 SCENARIOS = [
@@ -286,6 +293,17 @@ SCENARIOS = [
         stage_lacks=("sigkill",),
         stage_min={"eof": EOF_MIN_MS},
         cli_exit=128 + 15,
+    ),
+    Scenario(
+        # The main thread exits while another thread runs: /proc shows the
+        # leader as a zombie, yet the process runs on, and so does its child.
+        "timeout_leader_thread_gone",
+        [sys.executable, "-c", LEADER_THREAD_GONE],
+        timeout_ms=TIMEOUT_MS,
+        expected=timed_out("sigterm", -15, 15),
+        stage_has=("sigterm",),
+        stage_lacks=("sigkill",),
+        cli_exit=124,
     ),
     Scenario(
         "leftovers",
