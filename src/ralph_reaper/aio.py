@@ -11,12 +11,14 @@ the task wakes on an exit itself. Without pidfds (polling backend, or a pin
 degraded after EMFILE) it checks with ``asyncio.sleep`` and a backoff from
 0.1 ms doubling to 50 ms (capped by ``poll_interval_ms``). Reading ``/proc``
 to find what an exited leader left in its session runs in the loop's default
-executor.
+thread pool.
 
 Cancelling a task that awaits :func:`wait_for_dispatch_completion` while it
 waits removes the reader and closes the pidfd: nothing is signalled and no fd
-is left. Cancelled once a stop has begun, the stop still runs to its end in
-the loop (and closes its own fds). For many dispatches at once,
+is left. Cancelled once a stop has begun (of a timeout, or of what an exited
+leader left), the stop runs to its end on a thread of its own, with its own
+timers, and then releases what the dispatch held: a cancel never leaves a
+half-stopped tree. For many dispatches at once,
 :class:`AsyncDispatchMonitor` runs everything on the single monitor thread.
 """
 
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 from .ending import finish, joinable, stop_for, sweep_for
-from .engine import ONGOING, Stop, StopOutcome, not_running
+from .engine import ONGOING, Stop, StopOutcome, not_running, resume
+from .engine import drive as engine_drive
 from .logs import resolve_logger
 from .monitor import DispatchMonitor
 from .pins import Pin
@@ -73,36 +77,127 @@ async def wait_for_dispatch_completion(
     )
     if isinstance(prepared, DispatchCompletionResult):
         return prepared
-    w = prepared
-    try:
-        return await _run_watch(w, step_cap)
-    finally:
-        if w.leader is not None:  # cancelled while waiting
-            w.leader.close()
-            w.leader = None
+    return await _run_watch(prepared, step_cap)
 
 
 async def _run_watch(w: Watch, step_cap: float) -> DispatchCompletionResult:
-    loop = asyncio.get_running_loop()
     if w.leader is not None:
         w.log.info(f"Waiting for dispatch of {w.ticket_id} (pid {w.pid})")
-        reason = await _wait_leader(w, step_cap)
+        try:
+            reason = await _wait_leader(w, step_cap)
+        except BaseException:  # cancelled while waiting: nothing to stop, nothing kept
+            _drop_leader(w)
+            raise
         joined = None if reason is None else joinable(w)
         if joined is not None:
             w.reason = reason
-            shared: StopOutcome = await asyncio.wrap_future(joined)
-            return finish(w, shared)
+            return finish(w, await _await_shared(w, joined))
         stop = None if reason is None else stop_for(w, reason)
         if stop is not None:
-            return finish(w, await _drive_registered(stop, reason or "terminate", step_cap))
+            return await _run_stop(w, stop, reason or "terminate", step_cap)
         ongoing = ONGOING.get(w.leader)
         if ongoing is not None:  # another call is stopping it: report that stop
             w.reason, future = ongoing
-            other: StopOutcome = await asyncio.wrap_future(future)
-            return finish(w, other)
-    sweep = await loop.run_in_executor(None, sweep_for, w)
-    outcome = None if sweep is None else await drive(sweep, step_cap)
+            return finish(w, await _await_shared(w, future))
+    return await _run_sweep(w, step_cap)
+
+
+def _drop_leader(w: Watch) -> None:
+    if w.leader is not None:
+        w.leader.close()
+        w.leader = None
+
+
+async def _await_shared(w: Watch, future: cf.Future[StopOutcome]) -> StopOutcome:
+    """The outcome of another call's stop; cancelling this wait leaves that stop alone."""
+    try:
+        return await asyncio.wrap_future(future)
+    except BaseException:
+        _drop_leader(w)
+        raise
+
+
+async def _run_stop(w: Watch, stop: Stop, reason: str, step_cap: float) -> DispatchCompletionResult:
+    """Drive a stop of the tree on the loop; if the task is cancelled, a thread finishes it.
+
+    A stop that has begun is never abandoned half-way: its pins would stay
+    open, the tree half-signalled, the dispatch (and its stdin) registered.
+    """
+    leader = stop.leader
+    assert leader is not None
+    future, mine = ONGOING.claim(leader, reason)
+    if not mine:  # another call is stopping it: its outcome is ours
+        stop.members.close_others()
+        return finish(w, await _await_shared(w, future))
+
+    def ended(outcome: StopOutcome) -> None:
+        ONGOING.end(leader, future, outcome)
+        finish(w, outcome)
+
+    try:
+        outcome = await drive(stop, step_cap)
+    except asyncio.CancelledError:
+        _finish_in_thread(stop, ended)
+        raise
+    except BaseException:
+        ONGOING.end(leader, future, StopOutcome(False, "failed"))
+        raise
+    ONGOING.end(leader, future, outcome)
+    return finish(w, outcome)
+
+
+async def _run_sweep(w: Watch, step_cap: float) -> DispatchCompletionResult:
+    """After a natural exit: stop what the leader left (``/proc`` read off the loop).
+
+    Cancelled during the read, the read goes on (shielded) and its stop is
+    handed to a thread; cancelled during the stop, a thread finishes it.
+    """
+    reading = _SWEEPS.submit(sweep_for, w)
+
+    def ended(outcome: Optional[StopOutcome]) -> None:
+        finish(w, not_running(outcome))
+
+    try:
+        sweep = await asyncio.shield(asyncio.wrap_future(reading))
+    except asyncio.CancelledError:
+        # Called on the reading thread, so it holds even once the loop is gone.
+        reading.add_done_callback(
+            lambda done: _finish_in_thread(None if done.exception() else done.result(), ended)
+        )
+        raise
+    if sweep is None:
+        return finish(w, not_running())
+    try:
+        outcome = await drive(sweep, step_cap)
+    except asyncio.CancelledError:
+        _finish_in_thread(sweep, ended)
+        raise
     return finish(w, not_running(outcome))
+
+
+#: The threads that read ``/proc`` for a sweep, off the event loop. Not the
+#: loop's default executor: a read must outlive a loop that closes under it.
+_SWEEPS = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ralph-reaper-sweep")
+
+
+def _finish_in_thread(stop: Optional[Stop], ended: Callable[[StopOutcome], None]) -> None:
+    """Run ``stop`` (begun or not) to its end on a thread of its own, then ``ended``.
+
+    Not a daemon: an interpreter that exits waits for the stop, as it would
+    for the blocking face's.
+    """
+
+    def run() -> None:
+        if stop is None:
+            ended(not_running())
+            return
+        outcome = StopOutcome(False, "failed")
+        try:
+            outcome = resume(stop) if stop.begun else engine_drive(stop)
+        finally:
+            ended(outcome)
+
+    threading.Thread(target=run, name="ralph-reaper-stop").start()
 
 
 async def _wait_leader(w: Watch, step_cap: float) -> Optional[str]:
@@ -170,23 +265,6 @@ async def drive(stop: Stop, step_cap: float = MAX_STEP_S) -> StopOutcome:
         elif now >= stop.deadline:
             stop.due(now)
     return stop.outcome
-
-
-async def _drive_registered(stop: Stop, reason: str, step_cap: float) -> StopOutcome:
-    leader = stop.leader
-    if leader is None:
-        return await drive(stop, step_cap)
-    future, mine = ONGOING.claim(leader, reason)
-    if not mine:  # another call is stopping it: its outcome is ours
-        stop.members.close_others()
-        shared: StopOutcome = await asyncio.wrap_future(future)
-        return shared
-    outcome: Optional[StopOutcome] = None
-    try:
-        outcome = await drive(stop, step_cap)
-        return outcome
-    finally:
-        ONGOING.end(leader, future, outcome or StopOutcome(False, "failed"))
 
 
 class AsyncDispatchMonitor:

@@ -86,6 +86,7 @@ class Stop:
         self._lock = threading.Lock()
         #: The keeper was lost (see :meth:`_check_keeper`).
         self.lost = False
+        self.begun = False
 
     @property
     def deadline(self) -> float:
@@ -98,6 +99,7 @@ class Stop:
     # ------------------------------------------------------------ driver calls
 
     def begin(self, now: float) -> None:
+        self.begun = True
         self._run(self.plan.start(now), now)
 
     def exited(self, pins: list[Pin], now: float) -> None:
@@ -282,6 +284,11 @@ def _fold_keeper_stop(outcome: StopOutcome, report: dict[str, Any], plan: StopPl
 def drive(stop: Stop) -> StopOutcome:
     """Run ``stop`` to its end, blocking: the driver of the blocking API and the CLI."""
     stop.begin(time.monotonic())
+    return resume(stop)
+
+
+def resume(stop: Stop) -> StopOutcome:
+    """Run a stop already begun to its end, blocking (one that another driver left)."""
     while stop.outcome is None:
         pins = list(stop.awaited.values())
         if not pins:  # cannot happen while the plan runs; never spin if it does
@@ -416,6 +423,9 @@ class Ongoing:
             ):
                 return entry[2], False
             future: cf.Future[StopOutcome] = cf.Future()
+            # Running from the start: a face that stops awaiting it (an asyncio
+            # task cancelled while it joins) must not cancel it for the others.
+            future.set_running_or_notify_cancel()
             self._live[leader.pid] = (leader.starttime, reason, future)
             self._ended.pop(leader.pid, None)
         return future, True
