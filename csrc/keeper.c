@@ -147,7 +147,10 @@
 #define PROG "ralph-reaper-keeper"
 #define EXIT_USAGE 125
 #define DEFAULT_GRACE_MS 5000
-#define MAX_GRACE_MS 86400000LL /* one day */
+/* The longest grace or timeout: about 31.7 years, far from overflowing a
+   monotonic deadline in int64 nanoseconds.  The host passes longer finite
+   durations as this one. */
+#define MAX_MS 1000000000000LL
 #define PDEATH_GRACE_MS 500
 #define GIVE_UP_MS 2000
 /* Pids listed in a give-up report: enough to act on, small enough for one line. */
@@ -886,7 +889,7 @@ static void control_line(struct keeper *k, char *line)
 
         while (*arg == ' ')
             arg++;
-        if (parse_num(arg, 0, MAX_GRACE_MS, &grace) == 0)
+        if (parse_num(arg, 0, MAX_MS, &grace) == 0)
             request_stop(k, grace, RS_CONTROL);
     }
     /* anything else: ignored */
@@ -1336,12 +1339,12 @@ static int parse_args(struct keeper *k, int argc, char **argv)
                 return bad_usage("empty --exit-file", NULL);
             k->exit_file = val;
         } else if (strcmp(name, "--grace-ms") == 0) {
-            if (parse_num(val, 0, MAX_GRACE_MS, &n) < 0)
-                return bad_usage("--grace-ms wants milliseconds (0 to 86400000)", val);
+            if (parse_num(val, 0, MAX_MS, &n) < 0)
+                return bad_usage("--grace-ms wants milliseconds (0 to 1000000000000)", val);
             k->grace_ms = n;
         } else if (strcmp(name, "--timeout-ms") == 0) {
-            if (parse_num(val, 0, LLONG_MAX / NS_PER_MS, &n) < 0)
-                return bad_usage("--timeout-ms wants milliseconds", val);
+            if (parse_num(val, 0, MAX_MS, &n) < 0)
+                return bad_usage("--timeout-ms wants milliseconds (0 to 1000000000000)", val);
             k->timeout_ms = n;
         } else {
             if (parse_num(val, 1, INT_MAX, &n) < 0)

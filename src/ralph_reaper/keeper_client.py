@@ -26,6 +26,16 @@ from .backends.base import ExitStatus, Rusage
 START_WAIT_S = 10.0
 
 
+#: The keeper's longest duration (about 31.7 years). Any finite duration is
+#: accepted; a longer one cannot be told apart from this within a lifetime.
+KEEPER_MAX_MS = 1_000_000_000_000
+
+
+def keeper_ms(ms: float) -> str:
+    """A duration as the keeper's command line and control pipe take it."""
+    return str(min(max(int(ms), 0), KEEPER_MAX_MS))
+
+
 def keeper_argv(
     keeper: str,
     *,
@@ -39,13 +49,13 @@ def keeper_argv(
 ) -> list[str]:
     """The keeper's command line (``parent_pid``: stop the tree when that process dies)."""
     argv = [keeper, "--report-fd", str(report_fd), "--control-fd", str(control_fd)]
-    argv += ["--grace-ms", str(int(grace_ms))]
+    argv += ["--grace-ms", keeper_ms(grace_ms)]
     if parent_pid is not None:
         argv += ["--die-with-parent", "--parent-pid", str(parent_pid)]
     if exit_file is not None:
         argv += ["--exit-file", exit_file]
     if timeout_ms > 0:  # the keeper enforces it even if nobody waits
-        argv += ["--timeout-ms", str(int(timeout_ms))]
+        argv += ["--timeout-ms", keeper_ms(timeout_ms)]
     return [*argv, "--", *command]
 
 
@@ -72,7 +82,7 @@ class KeeperLink:
             if fd is None:
                 return False
             try:
-                os.write(fd, f"stop {int(grace_ms)}\n".encode())
+                os.write(fd, f"stop {keeper_ms(grace_ms)}\n".encode())
             except OSError:
                 return False
             return True
