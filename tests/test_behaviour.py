@@ -726,3 +726,37 @@ def test_a_grace_period_of_years_is_a_duration_like_any_other(
     assert result.return_code == -signal.SIGTERM
     proc.returncode = -signal.SIGTERM  # reaped by the package
     assert_no_trace(proc.pid)
+
+
+FORK_AND_EXIT_CHAIN = (
+    "import os, signal, subprocess, sys\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "subprocess.Popen(['sleep', '60'])  # the leader's own work\n"
+    "if os.fork() == 0:\n"
+    "    while True:  # the chain: a new pid every few microseconds\n"
+    "        if os.fork():\n"
+    "            os._exit(0)\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+    "print('ready', flush=True)\n"
+    "signal.pause()\n"
+)
+
+
+@pytest.mark.parametrize("face", ["wait", "terminate"])
+def test_a_fork_and_exit_chain_is_stopped_and_reported_so(
+    backend: str, kids: Kids, face: str
+) -> None:
+    """A member that forks and exits in a loop (its pid never stays) ignoring SIGTERM.
+
+    SIGKILL ends it between two forks; the stop must say it succeeded, not
+    that it "could not be stopped" with no survivor named.
+    """
+    proc = kids.py(FORK_AND_EXIT_CHAIN, stdout=subprocess.PIPE)
+    assert read_line(proc) == b"ready\n"
+    if face == "wait":
+        result = wait(proc.pid, timeout_ms=SHORT_MS, graceful_shutdown_ms=300)
+        assert result.status is DispatchCompletionStatus.TIMEOUT, result.error
+        assert result.return_code == -signal.SIGTERM
+    else:
+        assert graceful_terminate_dispatch(proc.pid, kill_wait_ms=300) == (True, "sigterm")
+    proc.returncode = -signal.SIGTERM  # reaped by the package

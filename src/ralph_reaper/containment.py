@@ -13,6 +13,7 @@ the meantime are added; only pinned processes are ever signalled.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from typing import Optional
 
@@ -21,6 +22,8 @@ from .pins import Pin
 from .validation import is_ancestor
 
 CONTAINMENTS = ("session", "pid")
+#: pidfd_send_signal flag: the process group of the pidfd's process (Linux >= 6.9).
+PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
 
 
 class Members:
@@ -33,11 +36,14 @@ class Members:
         containment: str,
         extra_roots: Sequence[int] = (),
         session: Optional[int] = None,
+        group_fd: int = -1,
     ) -> None:
         """``extra_roots`` are searched for descendants but never pinned or signalled:
         a dedicated supervisor passes its own pid to sweep up orphans it inherited.
         ``session`` names the session to scan when there is no leader to read it from
-        (a reaped leader's session keeps its id, which no new process can take)."""
+        (a reaped leader's session keeps its id, which no new process can take).
+        ``group_fd``, owned from then on: a pidfd of that session's (former) leader,
+        kept past its exit so its process group can still be signalled."""
         if containment not in CONTAINMENTS:
             raise ValueError(f"containment must be one of {CONTAINMENTS}, not {containment!r}")
         self.backend = backend
@@ -46,12 +52,20 @@ class Members:
         self.extra_roots = list(extra_roots)
         self.pins: dict[int, Pin] = {} if leader is None else {leader.pid: leader}
         own_session = os.getsid(0)
+        self._group_fd = group_fd
+        #: A pidfd whose process group is the session leader's (see :meth:`signal_group`).
+        self.group_fd = -1
         if leader is not None:
             st = backend.proc_stat(leader.pid)
             if st is not None and st.session == leader.pid:
                 session = st.session
+                self.group_fd = leader.fd
         #: The leader's session, scanned only when the leader created it and it is not ours.
         self.session = session if session != own_session and containment == "session" else None
+        if self.session is None:
+            self.group_fd = -1
+        elif self.group_fd < 0:
+            self.group_fd = group_fd
 
     def discover(self) -> int:
         """Pin members not yet pinned; return how many were added.
@@ -73,7 +87,14 @@ class Members:
                 accepted.add(pid)
                 added += self._pin(pid, st)
         if self.session is not None:
-            for pid in self.backend.session_members(self.session):
+            # Our own children too: as a subreaper this process inherits every
+            # orphan of the session, and its small children file is read whole,
+            # where a scan of /proc can miss a member that forks and exits faster
+            # than the scan moves (it keeps landing on pids the scan has passed).
+            from .backends.procfs import children_of
+
+            found = self.backend.session_members(self.session)
+            for pid in [*found, *(c for c in children_of(os.getpid()) if c not in found)]:
                 st = self._candidate(pid)
                 if st is not None and st.session == self.session:
                     added += self._pin(pid, st)
@@ -100,6 +121,65 @@ class Members:
         if session != os.getsid(0):
             self.session = session
 
+    def reap_zombie_children(self) -> int:
+        """Reap the zombies of the dispatch's session that are our own children; return count.
+
+        A process that forks and exits in a loop leaves a zombie every few
+        microseconds; as a subreaper this process inherits each one, and those
+        born after the last discovery were never pinned. They are ours to reap
+        (a zombie's pid cannot be reused until it is) and the dispatch's by
+        their session, which a zombie keeps.
+        """
+        if self.session is None:
+            return 0
+        from .backends.polling import wait4_nohang
+        from .backends.procfs import children_of
+
+        reaped = 0
+        for pid in children_of(os.getpid()):
+            st = self.backend.proc_stat(pid)
+            if st is None or st.session != self.session or not st.ended:
+                continue
+            try:
+                if wait4_nohang(pid) is not None:
+                    reaped += 1
+            except ChildProcessError:  # reaped meanwhile by another thread
+                continue
+        return reaped
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the session leader's process group, at once, by pidfd.
+
+        One signal to the whole group lands on every member atomically, a
+        fork under way included: a process that forks and exits in a loop
+        outruns any discovery (its live pid changes faster than a pin can be
+        signalled), but not this. By pidfd (Linux >= 6.9) the group is the
+        one that leader created, never a later group that reuses its number;
+        without it only the per-member signals are sent.
+        """
+        if self.group_fd < 0:
+            self._signal_group_of_child(sig)
+            return
+        try:
+            signal.pidfd_send_signal(self.group_fd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+        except (OSError, AttributeError):  # no such group left, or an older kernel
+            return
+
+    def _signal_group_of_child(self, sig: int) -> None:
+        """Without pidfds: ``killpg`` only while the leader is our unreaped child.
+
+        Until this process reaps it, its pid (the group's number) cannot be
+        taken by anyone else, so the group signalled is the leader's own.
+        """
+        leader = self.leader
+        if leader is None or leader.reaped or self.session != leader.pid:
+            return
+        try:
+            os.waitid(os.P_PID, leader.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            os.killpg(leader.pid, sig)
+        except OSError:  # not our child, or no group left
+            return
+
     def live(self) -> list[Pin]:
         return [p for p in self.pins.values() if p.status is None and not p.exited()]
 
@@ -112,6 +192,10 @@ class Members:
     def close(self) -> None:
         for pin in self.pins.values():
             pin.close()
+        if self._group_fd >= 0:
+            fd, self._group_fd = self._group_fd, -1
+            os.close(fd)
+        self.group_fd = -1
 
 
 def sessions_in_use(backend: Backend, sids: set[int]) -> set[int]:

@@ -11,6 +11,7 @@ messages are decided, so every face and the command line agree.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import time
 from dataclasses import replace
 from typing import Any, Optional
@@ -73,13 +74,16 @@ def sweep_for(w: Watch) -> Optional[Stop]:
 
     The leader is reaped first, so that the scan of its session does not find it.
     """
+    group_fd = -1
+    if needs_sweep(w) and w.leader is not None and w.leader.fd >= 0 and w.keeper is False:
+        group_fd = os.dup(w.leader.fd)  # its process group outlives its pin
     collect_leader(w)
     if w.dispatch is not None and w.dispatch.keeper is not None:
         return lost_keeper_stop(w.dispatch, grace_s=w.grace_s, log=w.log)
     if not needs_sweep(w):
         return None
     assert w.sid is not None
-    members = Members(w.backend, None, "session", session=w.sid)
+    members = Members(w.backend, None, "session", session=w.sid, group_fd=group_fd)
     stop = leftovers_stop(members, grace_s=w.grace_s, log=w.log)
     if stop is not None:
         w.log.info(f"pid {w.pid} exited; stopping what it left in its session {w.sid}")

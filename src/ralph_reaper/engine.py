@@ -172,6 +172,7 @@ class Stop:
         self._discover()
         live = self.members.live()
         for sig in signals:
+            self.members.signal_group(sig)
             self.signalled.update(p.pid for p in live if p.signal(sig))
 
     def _check_keeper(self) -> None:
@@ -216,6 +217,7 @@ class Stop:
             status = BOOK.lookup(members.backend, leader.pid)
         if leader is not None and status is not None:
             BOOK.remember(leader.pid, leader.starttime, status)
+        members.reap_zombie_children()
         members.close()
         outcome = StopOutcome(
             success=self.plan.success and not survivors,

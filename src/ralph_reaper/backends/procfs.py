@@ -83,7 +83,8 @@ def _have_children_files() -> bool:
     return _children_files
 
 
-def _children_of(pid: int) -> list[int]:
+def children_of(pid: int) -> list[int]:
+    """The children of ``pid`` (every thread's), from ``/proc``; [] if it is gone."""
     out: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -116,7 +117,7 @@ def descendants(roots: Sequence[int]) -> list[int]:
         while frontier:
             nxt: list[int] = []
             for pid in frontier:
-                for child in _children_of(pid):
+                for child in children_of(pid):
                     if child not in seen:
                         seen.add(child)
                         out.append(child)
