@@ -145,17 +145,21 @@ def _unshare_problem() -> str:
     return ""
 
 
+@pytest.mark.timeout(300)
 def test_recycled_pid_is_never_signalled_nor_misreported(backend: str) -> None:
     problem = _unshare_problem()
     if problem:
         pytest.skip(problem)
     env = procs.child_env()
+    # --kill-child: if this test gives up on the namespace, its init dies and
+    # takes every process of the namespace with it (nothing is left behind).
     done = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SCRIPT, backend],
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+        + [sys.executable, "-c", SCRIPT, backend],
         capture_output=True,
         text=True,
         env=env,
-        timeout=60,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
