@@ -3,7 +3,13 @@
  *
  *   ralph-reaper-keeper [--report-fd N] [--control-fd N] [--exit-file PATH]
  *                       [--grace-ms N] [--timeout-ms N]
- *                       [--die-with-parent --parent-pid P] -- CMD [ARG...]
+ *                       [--die-with-parent --parent-pid P]
+ *                       [--foreground] [--quiet] -- CMD [ARG...]
+ *
+ * --foreground: CMD is not given a new session; it stays in the keeper's
+ * session and process group (which the host keeps in the terminal's
+ * foreground), so it can read the controlling terminal.  --quiet: a failed
+ * exec is only reported (exec_errno), not also told on stderr.
  *
  * Options also take the "--opt=value" form.  Anything else (unknown option,
  * bad number, fd 0-2 or a closed fd, no CMD, an --exit-file whose directory
@@ -18,12 +24,14 @@
  *     the signalfd and the control fd, with timeouts from CLOCK_MONOTONIC
  *     deadlines.  SIGPIPE is kept blocked too (report writes then fail with
  *     EPIPE, which is ignored).
- *   - Starts CMD (PATH searched as execvp does) in a new session; the child
+ *   - Starts CMD (PATH searched as execvp does, but a file without a #! line
+ *     is an exec failure, ENOEXEC, not run by /bin/sh) in a new session; the child
  *     gets the signal mask and SIGCHLD disposition the keeper started with,
  *     and SIGPIPE reset to SIG_DFL.  Between fork and exec only
  *     async-signal-safe calls; an exec failure travels back as errno through
  *     a close-on-exec pipe.
- *   - Stop sequence (on SIGTERM/SIGINT/SIGHUP/SIGQUIT with --grace-ms,
+ *   - Stop sequence (on SIGTERM/SIGINT/SIGHUP/SIGQUIT with --grace-ms, the
+ *     first stage sending the signal received instead of SIGTERM;
  *     default 5000; on control "stop <ms>" or "kill" (grace 0); on parent
  *     death with min(grace, 500); when the command has exited on its own and
  *     descendants remain, with --grace-ms): discover every descendant
@@ -38,8 +46,11 @@
  *     child is left.  2000 ms after the first SIGKILL it gives up (a process
  *     stuck in uninterruptible sleep): method "failed".  A later stop request
  *     can only shorten the grace.  With grace 0 no SIGTERM is sent.  When
- *     no pidfd can be had (kernel < 5.3, or out of fds) a member is signalled
- *     with kill(2) right after the same checks.
+ *     no pidfd can be had (kernel < 5.3, or out of fds) a member is pinned
+ *     with its start time and signalled with kill(2) only while its pid
+ *     still has that start time (checked before every signal), so a member
+ *     reaped by its own parent is never confused with a process that got
+ *     its pid later.
  *   - Exits only once wait4 reports ECHILD (or it gave up).  Being a
  *     subreaper, no child left means no descendant left.
  *
@@ -169,6 +180,9 @@ static const char *const reason_names[] = {"exit",      "signal", "control", "pa
 struct pin {
     int pid;
     int fd; /* pidfd, or -1 when none could be opened (old kernel, EMFILE) */
+    /* Start time (/proc stat field 22) when pinned: without a pidfd it is
+       what tells the member from a process that got its pid later. */
+    unsigned long long start;
 };
 
 /* Pinned members in discovery order (breadth first: parents before their
@@ -184,7 +198,6 @@ struct pintab {
 /* How to exec CMD, prepared before fork so the child only calls execve. */
 struct exec_plan {
     char **paths;   /* candidate files, NULL terminated */
-    char **sh_argv; /* "/bin/sh", <file>, argv[1..], NULL (ENOEXEC fallback) */
     char **argv;
     char **envp;
     int empty; /* CMD is "": ENOENT, as execvp */
@@ -197,6 +210,9 @@ struct keeper {
     long long grace_ms;
     long long timeout_ms; /* 0: none; else stop the tree this long after the start */
     int die_with_parent, parent_pid;
+    int foreground; /* --foreground: CMD stays in our session and process group */
+    int quiet;      /* --quiet: no message of our own for a failed exec */
+    int first_sig;  /* first signal of the stop: SIGTERM, or the INT/HUP/QUIT we got */
     char **cmd;
 
     /* set up */
@@ -372,7 +388,7 @@ static void pin_reindex(struct pintab *t)
 }
 
 /* Append a pid known not to be present: 0 or -ENOMEM. */
-static int pin_add(struct pintab *t, int pid, int fd)
+static int pin_add(struct pintab *t, int pid, int fd, unsigned long long start)
 {
     if (t->n == t->vcap) {
         size_t ncap = t->vcap ? t->vcap * 2 : 64;
@@ -399,6 +415,7 @@ static int pin_add(struct pintab *t, int pid, int fd)
     }
     t->v[t->n].pid = pid;
     t->v[t->n].fd = fd;
+    t->v[t->n].start = start;
     pin_index(t, t->n++);
     return 0;
 }
@@ -415,10 +432,21 @@ static void pin_free(struct pintab *t)
     memset(t, 0, sizeof *t);
 }
 
+/* Signal a pinned member: through its pidfd, or, without one, by pid only
+   while that pid still has the start time it had when pinned (-ESRCH once it
+   names another process: a member reaped by its own parent, pid recycled). */
 static int pin_signal(const struct pin *p, int sig)
 {
+    struct rr_proc_stat st;
+    int r;
+
     if (p->fd >= 0)
         return rr_pidfd_send_signal(p->fd, sig);
+    r = rr_proc_stat(p->pid, &st);
+    if (r == -ENOENT || r == -ESRCH || (r == 0 && st.starttime != p->start))
+        return -ESRCH;
+    if (r < 0)
+        return r; /* cannot tell (out of fds?): not signalled, tried again later */
     return kill(p->pid, sig) < 0 ? -errno : 0;
 }
 
@@ -568,17 +596,25 @@ static char *dir_of(const char *path)
 }
 
 /* Temp file in the same directory, written, fsynced, renamed over path, and
-   the directory fsynced: readers see the old file, or the whole new one. */
+   the directory fsynced: readers see the old file, or the whole new one.
+   The temp file's name is short and its own (not path's name plus a suffix,
+   which NAME_MAX would refuse for a long but valid name). */
 static int write_exit_file(const char *path, const char *data, size_t len)
 {
-    size_t plen = strlen(path), cap = plen + 64;
-    char *tmp = malloc(cap), *dir = NULL;
+    char *dir = dir_of(path), *tmp;
+    size_t cap;
     int fd = -1, r = 0, attempt, dfd;
 
-    if (!tmp)
+    if (!dir)
         return -ENOMEM;
+    cap = strlen(dir) + 64;
+    tmp = malloc(cap);
+    if (!tmp) {
+        free(dir);
+        return -ENOMEM;
+    }
     for (attempt = 0; attempt < 100; attempt++) {
-        snprintf(tmp, cap, "%s.%d.%d.tmp", path, (int)getpid(), attempt);
+        snprintf(tmp, cap, "%s/.rr-exit-%d-%d.tmp", dir, (int)getpid(), attempt);
         do {
             fd = open(tmp, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOCTTY, 0644);
         } while (fd < 0 && errno == EINTR);
@@ -600,16 +636,13 @@ static int write_exit_file(const char *path, const char *data, size_t len)
         unlink(tmp);
         goto out;
     }
-    dir = dir_of(path);
-    if (dir) {
-        do {
-            dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        } while (dfd < 0 && errno == EINTR);
-        if (dfd >= 0) {
-            if (fsync(dfd) < 0 && errno != EINVAL)
-                r = -errno;
-            close(dfd);
-        }
+    do {
+        dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    } while (dfd < 0 && errno == EINTR);
+    if (dfd >= 0) {
+        if (fsync(dfd) < 0 && errno != EINVAL)
+            r = -errno;
+        close(dfd);
     }
 out:
     free(dir);
@@ -686,10 +719,10 @@ static void note_signalled(struct keeper *k, int pid, int sig)
 {
     if (pid != k->cmd_pid || k->cmd_reaped)
         return;
-    if (sig == SIGTERM)
-        k->term_to_cmd = 1;
-    else if (sig == SIGKILL)
+    if (sig == SIGKILL)
         k->kill_to_cmd = 1;
+    else
+        k->term_to_cmd = 1;
 }
 
 /* Pin pid if it is (still) a live member of the tree: its pidfd opened, its
@@ -708,17 +741,18 @@ static void pin_member(struct keeper *k, int pid, int sig)
     /* A zombie leader whose other threads still run has not exited. */
     if (rr_proc_stat(pid, &st) < 0 || ((st.state == 'Z' || st.state == 'X') && st.threads <= 1))
         goto drop;
+    p.start = st.starttime;
     if (st.ppid != k->me && pin_find(&k->pins, st.ppid) < 0)
         goto drop;
     if (pin_signal(&p, 0) < 0)
         goto drop;
     if (pid != k->cmd_pid || k->cmd_reaped)
         k->descendants_killed++;
-    if (pin_add(&k->pins, pid, p.fd) == 0)
+    if (pin_add(&k->pins, pid, p.fd, p.start) == 0)
         return;
     /* No memory to remember it: signal it now, at least. */
     pin_signal(&p, sig);
-    if (sig == SIGTERM)
+    if (sig != SIGKILL)
         pin_signal(&p, SIGCONT);
     note_signalled(k, pid, sig);
 drop:
@@ -741,7 +775,7 @@ static void discover_and_signal(struct keeper *k, int sig)
     for (s = 0; s < k->pins.n; s++)
         if (pin_signal(&k->pins.v[s], sig) == 0)
             note_signalled(k, k->pins.v[s].pid, sig);
-    if (sig == SIGTERM)
+    if (sig != SIGKILL)
         for (s = 0; s < k->pins.n; s++)
             pin_signal(&k->pins.v[s], SIGCONT);
 }
@@ -773,7 +807,7 @@ static void request_stop(struct keeper *k, long long grace_ms, enum reason why)
         k->term_sent = 1;
         k->t_term = now;
         k->term_deadline = deadline;
-        discover_and_signal(k, SIGTERM);
+        discover_and_signal(k, k->first_sig ? k->first_sig : SIGTERM);
     } else if (k->phase == PH_TERM && deadline < k->term_deadline) {
         k->term_deadline = deadline;
     }
@@ -865,6 +899,9 @@ static void handle_signals(struct keeper *k)
         case SIGINT:
         case SIGHUP:
         case SIGQUIT:
+            /* As timeout(1): the stop begins with the signal received. */
+            if (k->phase == PH_RUNNING && !k->first_sig)
+                k->first_sig = (int)si.ssi_signo;
             request_stop(k, k->grace_ms, RS_SIGNAL);
             break;
         default: /* SIGCHLD: reaped at the top of the loop */
@@ -1040,7 +1077,6 @@ static void plan_free(struct exec_plan *pl)
             free(pl->paths[i]);
         free(pl->paths);
     }
-    free(pl->sh_argv);
     memset(pl, 0, sizeof *pl);
 }
 
@@ -1049,19 +1085,11 @@ static int plan_build(struct exec_plan *pl, char **argv)
 {
     extern char **environ;
     const char *file = argv[0], *path, *p;
-    size_t argc = 0, flen = strlen(file), n = 0, i;
+    size_t flen = strlen(file), n = 0, i;
 
     memset(pl, 0, sizeof *pl);
     pl->argv = argv;
     pl->envp = environ;
-    while (argv[argc])
-        argc++;
-    pl->sh_argv = calloc(argc + 2, sizeof *pl->sh_argv);
-    if (!pl->sh_argv)
-        return -ENOMEM;
-    pl->sh_argv[0] = (char *)"/bin/sh";
-    for (i = 1; i < argc; i++)
-        pl->sh_argv[i + 1] = argv[i];
     if (flen == 0) {
         pl->empty = 1;
         pl->paths = calloc(1, sizeof *pl->paths);
@@ -1104,7 +1132,7 @@ static void child_exec(const struct keeper *k, struct exec_plan *pl, int errfd)
     int err = ENOENT, got_eacces = 0, i;
     ssize_t w;
 
-    if (setsid() < 0) {
+    if (!k->foreground && setsid() < 0) {
         err = errno;
         goto fail;
     }
@@ -1116,11 +1144,9 @@ static void child_exec(const struct keeper *k, struct exec_plan *pl, int errfd)
     for (i = 0; pl->paths[i]; i++) {
         execve(pl->paths[i], pl->argv, pl->envp);
         err = errno;
-        if (err == ENOEXEC) { /* no #! line: run it with the shell, as execvp */
-            pl->sh_argv[1] = pl->paths[i];
-            execve(pl->sh_argv[0], pl->sh_argv, pl->envp);
-            err = errno;
-        }
+        /* ENOEXEC (no #! line, not a binary) is an error, not a cue to run
+           the file with /bin/sh as execvp does: every backend starts a
+           command the same way, and subprocess reports ENOEXEC. */
         if (err == EACCES) {
             got_eacces = 1;
             continue;
@@ -1258,6 +1284,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: " PROG " [--report-fd N] [--control-fd N] [--exit-file PATH]\n"
                "       [--grace-ms N] [--timeout-ms N] [--die-with-parent --parent-pid P]\n"
+               "       [--foreground] [--quiet]\n"
                "       -- CMD [ARG...]\n");
 }
 
@@ -1306,6 +1333,14 @@ static int parse_args(struct keeper *k, int argc, char **argv)
         if (strcmp(a, "--help") == 0) {
             usage(stdout);
             exit(0);
+        }
+        if (strcmp(a, "--foreground") == 0) {
+            k->foreground = 1;
+            continue;
+        }
+        if (strcmp(a, "--quiet") == 0) {
+            k->quiet = 1;
+            continue;
         }
         if (strcmp(a, "--die-with-parent") == 0) {
             k->die_with_parent = 1;
@@ -1451,7 +1486,8 @@ int main(int argc, char **argv)
         fail_start(&k, RS_ERROR, what, -r);
     }
     if (k.exec_errno) {
-        msg(PROG ": %s: %s", k.cmd[0], strerror(k.exec_errno));
+        if (!k.quiet)
+            msg(PROG ": %s: %s", k.cmd[0], strerror(k.exec_errno));
     } else {
         struct jbuf j;
 

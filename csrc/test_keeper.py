@@ -107,6 +107,7 @@ class Run:
         control: bool = False,
         opts: list[str] | None = None,
         close_report: bool = False,
+        preexec: Any = None,
     ) -> None:
         self.report_r, w = os.pipe()
         args = [*keeper, "--report-fd", str(w)]
@@ -118,7 +119,7 @@ class Run:
             args += ["--control-fd", str(cr)]
             fds.append(cr)
         args += [*(opts or []), "--", *cmd]
-        self.proc = subprocess.Popen(args, pass_fds=fds, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, pass_fds=fds, stdout=subprocess.PIPE, preexec_fn=preexec)
         os.close(w)
         if cr is not None:
             os.close(cr)
@@ -232,6 +233,14 @@ def s_exec_failure(k: list[str]) -> None:
     check(exit_code(st) == 127, "PATH search ENOENT -> 127")
     st, ev = Run(k, [""]).wait()
     check(exit_code(st) == 127, "empty command -> 127")
+    with tempfile.TemporaryDirectory() as d:
+        script = os.path.join(d, "no-shebang")
+        with open(script, "w") as f:
+            f.write(f": > {d}/ran\n")
+        os.chmod(script, 0o755)
+        st, ev = Run(k, [script]).wait()
+        check(exit_code(st) == 126 and final(ev)["exec_errno"] == errno.ENOEXEC, "ENOEXEC -> 126")
+        check(not os.path.exists(os.path.join(d, "ran")), "no /bin/sh fallback")
 
 
 def s_usage(k: list[str]) -> None:
@@ -365,6 +374,48 @@ def s_exit_file(k: list[str]) -> None:
         with open(path) as f:
             check(json.load(f) == final(ev), "exit file == final report")
         check(os.listdir(d) == ["exit.json"], "no temp file left")
+        path = os.path.join(d, "x" * 250 + ".json")  # 255 bytes, the longest valid name
+        st, ev = Run(k, [SH, "-c", "exit 3"], opts=["--exit-file", path]).wait()
+        with open(path) as f:
+            check(json.load(f) == final(ev), "exit file with a 255-byte name")
+
+
+def _without_pidfds() -> None:
+    """In the keeper's child before exec: pidfd_open fails with ENOSYS (a kernel < 5.3)."""
+
+    class Insn(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_ushort),
+            ("jt", ctypes.c_ubyte),
+            ("jf", ctypes.c_ubyte),
+            ("k", ctypes.c_uint),
+        ]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+    insns = (Insn * 4)(
+        Insn(0x20, 0, 0, 0),  # A = syscall number
+        Insn(0x15, 0, 1, 434),  # pidfd_open, on every architecture
+        Insn(0x06, 0, 0, 0x00050000 | errno.ENOSYS),
+        Insn(0x06, 0, 0, 0x7FFF0000),
+    )
+    prog = Prog(len(insns), insns)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
+        os._exit(90)  # PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP
+
+
+def s_no_pidfds(k: list[str]) -> None:
+    # Members pinned by pid and start time: still stopped, parents first.
+    r = Run(k, TREE, opts=["--grace-ms", "200"], preexec=_without_pidfds)
+    r.pids(4)
+    os.kill(r.proc.pid, signal.SIGTERM)
+    st, ev = r.wait()
+    f = final(ev)
+    check(killed_by(st) == signal.SIGTERM, "command TERMed without pidfds")
+    check(f["descendants_killed"] == 3, f"every member reached without pidfds: {f}")
+    check(f["stage_ms"]["sigkill"] is not None, "stubborn member SIGKILLed without pidfds")
 
 
 def s_dead_reader(k: list[str]) -> None:
@@ -384,6 +435,7 @@ SCENARIOS = [
     s_parent,
     s_exit_file,
     s_dead_reader,
+    s_no_pidfds,
 ]
 
 

@@ -246,6 +246,22 @@ def test_exec_failure(run: Any, cmd: list[str], code: int, err: int) -> None:
     assert not [e for e in k.events if e["event"] == "started"]
 
 
+@pytest.mark.parametrize("via_path", [False, True], ids=["by_path", "on_PATH"])
+def test_a_file_without_shebang_is_an_exec_failure(run: Any, tmp_path: Any, via_path: bool) -> None:
+    # As subprocess does: ENOEXEC is an error, the file is not run by /bin/sh.
+    marker = tmp_path / "ran"
+    script = tmp_path / "no-shebang"
+    script.write_text(f": > {marker}\n")
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": str(tmp_path)} if via_path else None
+    k = run([script.name if via_path else str(script)], env=env)
+    status = k.wait()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 126
+    assert k.final["exec_errno"] == errno.ENOEXEC
+    assert not [e for e in k.events if e["event"] == "started"]
+    assert not marker.exists()
+
+
 def _marker_cmd(path: str) -> list[str]:
     return [SH, "-c", f": > {path}"]
 
@@ -392,6 +408,16 @@ def test_exit_file_is_written_atomically(run: Any, tmp_path: Any) -> None:
     assert text.endswith("\n") and text.count("\n") == 1
     assert json.loads(text) == k.final
     assert k.final["exit_code"] == 5
+
+
+def test_exit_file_with_the_longest_valid_name(run: Any, tmp_path: Any) -> None:
+    # A 255-byte name is valid: the temp file beside it must have a short name.
+    path = tmp_path / ("r" * 250 + ".json")
+    k = run([SH, "-c", "exit 4"], exit_file=str(path))
+    status = k.wait()
+    assert os.WEXITSTATUS(status) == 4
+    assert json.loads(path.read_text()) == k.final
+    assert sorted(os.listdir(tmp_path)) == [path.name], "temp file left behind"
 
 
 # ---- parent death ------------------------------------------------------------------

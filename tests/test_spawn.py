@@ -8,6 +8,7 @@ keeper claims them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -37,6 +38,11 @@ HOUR_MS = 3_600_000.0
 
 def containment_for(backend: str) -> str:
     return "keeper" if backend == "native" and keeper_path() is not None else "session"
+
+
+def pid_of(dispatch: DispatchResult) -> int:
+    assert dispatch.pid is not None
+    return dispatch.pid
 
 
 def spawn_sh(script: str, **kwargs: Any) -> DispatchResult:
@@ -99,22 +105,24 @@ def test_bad_argv_raises_and_starts_nothing(backend: str, bad: object) -> None:
 
 def test_bad_stdin_choice_raises(backend: str) -> None:
     with pytest.raises(ValueError):
-        spawn_dispatch(["true"], ticket_id="pt-1", stdin="socket")
+        spawn_dispatch(["true"], ticket_id="pt-1", stdin="socket")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("stdin", ["pipe", "pty"])
 def test_eof_is_enough_for_a_process_waiting_on_stdin(backend: str, stdin: str) -> None:
     dispatch = spawn_sh("read line; exit 0", stdin=stdin)
     ok, method = graceful_terminate_dispatch(
-        dispatch.pid, kill_wait_ms=HOUR_MS, eof_wait_ms=HOUR_MS
+        pid_of(dispatch), kill_wait_ms=HOUR_MS, eof_wait_ms=HOUR_MS
     )
     assert (ok, method) == (True, "eof")
-    assert poll_dispatch_status(dispatch.pid) == (False, 0)
+    assert poll_dispatch_status(pid_of(dispatch)) == (False, 0)
 
 
 def test_eof_not_enough_escalates_to_sigterm(backend: str) -> None:
     dispatch = spawn_sh("exec sleep 60", stdin="pipe")
-    ok, method = graceful_terminate_dispatch(dispatch.pid, eof_wait_ms=100, kill_wait_ms=HOUR_MS)
+    ok, method = graceful_terminate_dispatch(
+        pid_of(dispatch), eof_wait_ms=100, kill_wait_ms=HOUR_MS
+    )
     assert (ok, method) == (True, "sigterm")
 
 
@@ -192,21 +200,150 @@ def test_keeper_catches_a_daemon_that_detached(backend: str, tmp_path: Path) -> 
     assert procs.wait_until(lambda: pidfile.exists() and pidfile.read_text() != "")
     daemon = int(pidfile.read_text())
     assert procs.alive(daemon)
-    ok, method = graceful_terminate_dispatch(dispatch.pid, kill_wait_ms=HOUR_MS)
+    ok, method = graceful_terminate_dispatch(pid_of(dispatch), kill_wait_ms=HOUR_MS)
     assert (ok, method) == (True, "sigterm")
     assert procs.state(daemon) is None
 
 
-def test_keeper_writes_the_exit_file(backend: str, tmp_path: Path) -> None:
-    if containment_for(backend) != "keeper":
-        pytest.skip("exit files are written by the keeper (native backend)")
+@pytest.mark.parametrize("collector", ["wait", "poll", "terminate"])
+def test_the_exit_file_is_written_on_every_backend(
+    backend: str, tmp_path: Path, collector: str
+) -> None:
     exit_file = tmp_path / "exit.json"
-    dispatch = spawn_sh("exit 9", stdin="devnull", exit_file=exit_file)
-    result = wait_for_dispatch_completion(dispatch, "pt-1")
-    assert result.return_code == 9
+    if collector == "terminate":
+        dispatch = spawn_sh("exec sleep 60", stdin="devnull", exit_file=exit_file)
+        stopped = graceful_terminate_dispatch(pid_of(dispatch), kill_wait_ms=HOUR_MS)
+        assert stopped == (True, "sigterm")
+        expected: dict[str, Any] = {"signal": signal.SIGTERM, "exit_code": None}
+    else:
+        dispatch = spawn_sh("exit 9", stdin="devnull", exit_file=exit_file)
+        if collector == "wait":
+            assert wait_for_dispatch_completion(dispatch, "pt-1").return_code == 9
+        else:
+            assert procs.wait_until(lambda: poll_dispatch_status(pid_of(dispatch)) == (False, 9))
+        expected = {"signal": None, "exit_code": 9}
     record = json.loads(exit_file.read_text())
-    assert record["exit_code"] == 9
+    assert record["event"] == "exit"
+    assert {k: record[k] for k in expected} == expected
+    assert record["exec_errno"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exit.json"]
+
+
+def test_an_exit_file_with_the_longest_valid_name(backend: str, tmp_path: Path) -> None:
+    exit_file = tmp_path / ("e" * 250 + ".json")  # 255 bytes: a valid name
+    dispatch = spawn_sh("exit 3", stdin="devnull", exit_file=exit_file)
+    assert wait_for_dispatch_completion(dispatch, "pt-1").return_code == 3
+    assert json.loads(exit_file.read_text())["exit_code"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [exit_file.name]
+
+
+def test_the_exit_file_of_a_command_not_found(backend: str, tmp_path: Path) -> None:
+    exit_file = tmp_path / "exit.json"
+    missing = spawn_dispatch([str(tmp_path / "nope")], ticket_id="pt-1", exit_file=exit_file)
+    assert missing.status == "failed"
+    record = json.loads(exit_file.read_text())
+    assert (record["exit_code"], record["exec_errno"]) == (127, errno.ENOENT)
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "dir_is_a_file", "is_a_dir"])
+def test_an_exit_file_that_cannot_be_written_is_refused_before_the_start(
+    backend: str, tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    exit_file = {
+        "missing_dir": tmp_path / "no-such-dir" / "exit.json",
+        "dir_is_a_file": tmp_path / "file" / "exit.json",
+        "is_a_dir": tmp_path / "dir",
+    }[where]
+    marker = tmp_path / "started"
+    result = spawn_dispatch(
+        ["/bin/sh", "-c", f": > {marker}"], ticket_id="pt-1", stdin="devnull", exit_file=exit_file
+    )
+    assert result.status == "failed" and result.pid is None
+    assert "cannot write exit file" in (result.error or ""), result.error
+    assert str(exit_file) in (result.error or "")
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+    assert list((tmp_path / "dir").iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [b"/tmp/exit.json", 3, "", "a\0b"])
+def test_a_bad_exit_file_argument_raises(backend: str, bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        spawn_dispatch(["true"], ticket_id="pt-1", exit_file=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("what", ["missing", "a_file"])
+def test_a_cwd_that_cannot_be_used_is_named(backend: str, tmp_path: Path, what: str) -> None:
+    cwd = tmp_path / "no-such-dir"
+    if what == "a_file":
+        cwd.write_text("")
+    result = spawn_dispatch(["true"], ticket_id="pt-1", stdin="devnull", cwd=cwd)
+    assert result.status == "failed" and result.pid is None
+    assert result.error == (
+        f"cannot use cwd {str(cwd)!r}: "
+        + os.strerror(errno.ENOENT if what == "missing" else errno.ENOTDIR)
+    )
+
+
+def test_a_cwd_removed_at_the_last_moment_is_still_named(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mocked: the check before the launch is made to pass, as if the directory
+    # were removed between it and the exec (a race that cannot be timed).
+    cwd = tmp_path / "gone"
+    real_stat = os.stat
+    monkeypatch.setattr(
+        os, "stat", lambda p, *a, **k: real_stat(tmp_path) if p == cwd else real_stat(p, *a, **k)
+    )
+    result = spawn_dispatch(["true"], ticket_id="pt-1", stdin="devnull", cwd=cwd)
+    monkeypatch.undo()
+    assert result.status == "failed"
+    assert result.error == f"cannot use cwd {str(cwd)!r}: {os.strerror(errno.ENOENT)}"
+
+
+@pytest.mark.parametrize("name", ["stdout", "stderr"])
+@pytest.mark.parametrize("where", ["missing_dir", "dir_is_a_file", "is_a_dir", "closed_fd"])
+def test_an_output_that_cannot_be_used_is_a_failed_result(
+    backend: str, tmp_path: Path, name: str, where: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    target: Any = {
+        "missing_dir": tmp_path / "no-such-dir" / "out.log",
+        "dir_is_a_file": tmp_path / "file" / "out.log",
+        "is_a_dir": tmp_path,
+    }.get(where)
+    if where == "closed_fd":
+        r, w = os.pipe()
+        os.close(r)
+        os.close(w)
+        target = w
+    result = spawn_dispatch(["true"], ticket_id="pt-1", stdin="devnull", **{name: target})
+    assert result.status == "failed" and result.pid is None
+    assert result.error is not None and result.error.startswith("cannot "), result.error
+    assert name in result.error
+
+
+@pytest.mark.parametrize("via_path", [False, True], ids=["by_path", "on_PATH"])
+def test_a_script_without_shebang_cannot_execute_on_any_backend(
+    backend: str, tmp_path: Path, via_path: bool
+) -> None:
+    # One behaviour for every backend, subprocess's: ENOEXEC is an error,
+    # the file is not handed to /bin/sh.
+    marker = tmp_path / "ran"
+    script = tmp_path / "no-shebang"
+    script.write_text(f": > {marker}\n")
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": str(tmp_path)} if via_path else None
+    result = spawn_dispatch(
+        [script.name if via_path else str(script)], ticket_id="pt-1", stdin="devnull", env=env
+    )
+    assert result.status == "failed", "a file without #! was run"
+    assert result.error == f"cannot execute {script.name if via_path else script}: " + (
+        os.strerror(errno.ENOEXEC)
+    )
+    assert not marker.exists()
 
 
 def test_host_killed_leaves_nothing_alive(backend: str, tmp_path: Path) -> None:
@@ -246,7 +383,7 @@ def test_keeper_enforces_the_timeout_when_nobody_waits(backend: str) -> None:
     dispatch = spawn_sh("sleep 60 & sleep 60", stdin="devnull", timeout_ms=200)
     assert dispatch.pid is not None
     # Nobody waits: the keeper stops the tree and exits by itself.
-    assert procs.wait_until(lambda: procs.state(dispatch.pid) in (None, "Z"))
+    assert procs.wait_until(lambda: procs.state(pid_of(dispatch)) in (None, "Z"))
     result = wait_for_dispatch_completion(dispatch, "pt-1")
     assert result.status is DispatchCompletionStatus.TIMEOUT
     assert result.stop_reason == "timeout"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -261,8 +262,9 @@ def test_update_keeps_unknown_keys_and_adds_every_field(ralph_dir: Path) -> None
     assert data["stage_ms"] == {"eof": 10.0, "sigterm": 500.5}
     assert data["timed_out"] is True
 
-    completed = datetime.fromisoformat(data["completed_at"])
-    assert completed.utcoffset() == timedelta(0)
+    completed = datetime.strptime(data["completed_at"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=timezone.utc
+    )
     assert before - timedelta(seconds=1) <= completed <= after + timedelta(seconds=1)
 
     # Formatting: indent=2 and a trailing newline.
@@ -301,6 +303,88 @@ def test_update_keeps_permission_bits(ralph_dir: Path, mode: int) -> None:
     path.chmod(mode)
     update_dispatch_tracking_status(ralph_dir, "T-1", make_result())
     assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_completed_at_is_written_as_upstream_writes_it(ralph_dir: Path) -> None:
+    # UTC, whole seconds, a literal Z: what readers of the old module's files parse.
+    path = write_tracking(ralph_dir, "T-1", {"status": "running"})
+    update_dispatch_tracking_status(ralph_dir, "T-1", make_result())
+    stamp = json.loads(path.read_text())["completed_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp), stamp
+
+
+@pytest.mark.parametrize("length", [237, 250])
+def test_update_works_for_the_longest_valid_tickets(ralph_dir: Path, length: int) -> None:
+    # "<ticket>.json" is a valid name up to 255 bytes: the temp file must fit as well.
+    ticket = "t" * length
+    path = write_tracking(ralph_dir, ticket, {"status": "running"})
+    log = RecordingLogger()
+    update_dispatch_tracking_status(ralph_dir, ticket, make_result(), logger=log)
+    assert "error" not in log.levels(), log.records
+    assert json.loads(path.read_text())["status"] == "terminated"
+    assert dispatch_listing(ralph_dir) == [path.name]
+
+
+def test_update_keeps_the_owner_of_the_file(ralph_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root (CAP_CHOWN)")
+    path = write_tracking(ralph_dir, "T-1", {"status": "running"})
+    os.chown(path, 1000, 1000)
+    path.chmod(0o600)
+    log = RecordingLogger()
+    update_dispatch_tracking_status(ralph_dir, "T-1", make_result(), logger=log)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o600)
+    assert json.loads(path.read_text())["status"] == "terminated"
+    assert "error" not in log.levels()
+
+
+def test_update_leaves_the_file_when_its_owner_cannot_be_kept(
+    ralph_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root (CAP_CHOWN)")
+    content = b'{"status": "running"}\n'
+    path = write_tracking(ralph_dir, "T-1", content, raw=True)
+    os.chown(path, 1000, 1000)
+    ino = path.stat().st_ino
+
+    def refuse(*args: Any) -> None:
+        # Mocked: the EPERM a supervisor that is not root gets for another
+        # user's file (this test needs root to make such a file at all).
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refuse)
+    log = RecordingLogger()
+    update_dispatch_tracking_status(ralph_dir, "T-1", make_result(), logger=log)
+    monkeypatch.undo()
+    assert path.read_bytes() == content
+    assert path.stat().st_ino == ino
+    assert dispatch_listing(ralph_dir) == ["T-1.json"]
+    assert "error" in log.levels()
+
+
+def test_update_leaves_a_file_too_large_to_be_a_tracking_file(ralph_dir: Path) -> None:
+    # Valid JSON, one byte past the cap: not read, not replaced.
+    content = b'{"status": "running"}' + b" " * (tracking.MAX_TRACKING_BYTES - 20)
+    assert len(content) == tracking.MAX_TRACKING_BYTES + 1
+    path = write_tracking(ralph_dir, "T-1", content, raw=True)
+    ino = path.stat().st_ino
+    log = RecordingLogger()
+    update_dispatch_tracking_status(ralph_dir, "T-1", make_result(), logger=log)
+    assert path.stat().st_ino == ino
+    assert path.read_bytes() == content
+    assert [level for level, msg in log.records if "bytes" in msg] == ["error"]
+
+
+def test_update_of_a_huge_sparse_file_reads_none_of_it(ralph_dir: Path) -> None:
+    path = write_tracking(ralph_dir, "T-1", b"", raw=True)
+    with open(path, "r+b") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse: costs no disk
+    log = RecordingLogger()
+    update_dispatch_tracking_status(ralph_dir, "T-1", make_result(), logger=log)
+    assert path.stat().st_size == 1 << 30
+    assert [level for level, msg in log.records if "bytes" in msg] == ["error"]
 
 
 def test_update_missing_file_creates_nothing(ralph_dir: Path) -> None:

@@ -15,6 +15,8 @@ import errno
 import json
 import os
 import select
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,8 +48,15 @@ def keeper_argv(
     exit_file: Optional[str],
     timeout_ms: float,
     command: Sequence[str],
+    foreground: bool = False,
+    quiet: bool = True,
 ) -> list[str]:
-    """The keeper's command line (``parent_pid``: stop the tree when that process dies)."""
+    """The keeper's command line (``parent_pid``: stop the tree when that process dies).
+
+    ``foreground`` keeps the command in the keeper's session and process group (the
+    terminal's); ``quiet``: an exec failure comes back in the report only, since the
+    host turns it into a result of its own.
+    """
     argv = [keeper, "--report-fd", str(report_fd), "--control-fd", str(control_fd)]
     argv += ["--grace-ms", keeper_ms(grace_ms)]
     if parent_pid is not None:
@@ -56,6 +65,10 @@ def keeper_argv(
         argv += ["--exit-file", exit_file]
     if timeout_ms > 0:  # the keeper enforces it even if nobody waits
         argv += ["--timeout-ms", keeper_ms(timeout_ms)]
+    if foreground:
+        argv.append("--foreground")
+    if quiet:
+        argv.append("--quiet")
     return [*argv, "--", *command]
 
 
@@ -187,3 +200,98 @@ def report_stage_ms(report: dict[str, Any]) -> dict[str, float]:
     if not isinstance(stages, dict):
         return {}
     return {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float))}
+
+
+def exit_file_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot take an exit file (None when it can), asked before a launch.
+
+    The keeper writes its exit file only at the very end; a directory that is
+    missing then would lose the record of a run that already happened, so
+    the launch is refused up front instead, with the reason.
+    """
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        what = "does not exist" if not os.path.lexists(directory) else "is not a directory"
+        return f"cannot write exit file {path!r}: directory {directory!r} {what}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot write exit file {path!r}: directory {directory!r} is not writable"
+    if os.path.isdir(path):
+        return f"cannot write exit file {path!r}: it is a directory"
+    return None
+
+
+def exit_record(
+    pid: Optional[int],
+    status: Optional[ExitStatus],
+    *,
+    exec_errno: int = 0,
+    containment: str = "session",
+) -> dict[str, Any]:
+    """The keeper's final report, as the host writes it when no keeper ran the dispatch.
+
+    Same keys and meanings as the keeper's exit file, so that a reader need
+    not know which backend ran it; what only a keeper knows (how its stop
+    sequence went) is null, and ``containment`` says who wrote it.
+    """
+    raw = -1 if status is None else status.status
+    usage = None if status is None else status.rusage
+    exited = status is not None and os.WIFEXITED(raw)
+    killed = status is not None and os.WIFSIGNALED(raw)
+    return {
+        "event": "exit",
+        "pid": pid,
+        "status": None if status is None else raw,
+        "exit_code": os.WEXITSTATUS(raw) if exited else None,
+        "signal": status.signal if killed and status is not None else None,
+        "core_dumped": bool(status is not None and status.core_dumped),
+        "utime_s": None if usage is None else usage.utime_s,
+        "stime_s": None if usage is None else usage.stime_s,
+        "maxrss_kb": None if usage is None else usage.maxrss_kb,
+        "descendants_killed": None,
+        "method": None,
+        "reason": "error" if exec_errno else None,
+        "stage_ms": {"sigterm": None, "sigkill": None},
+        "survivors": [],
+        "exec_errno": exec_errno,
+        "error": None,
+        "errno": 0,
+        "containment": containment,
+    }
+
+
+def write_exit_file(path: str, record: dict[str, Any]) -> None:
+    """Put ``record`` at ``path`` as the keeper does: one JSON line, atomically, durably.
+
+    The temporary file has a short name of its own (one built from the exit
+    file's name could exceed NAME_MAX); a file already there keeps its owner
+    and permission bits. Raises OSError (``path`` then holds the old file).
+    """
+    directory = os.path.dirname(path) or "."
+    payload = (json.dumps(record) + "\n").encode()
+    mode, owner = 0o644, None
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".rr-exit-", suffix=".tmp")
+    try:
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            if owner is not None and owner != (os.fstat(fd).st_uid, os.fstat(fd).st_gid):
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -15,7 +15,15 @@ defensive about what it finds there:
   replacing it would destroy whatever someone may still want to inspect;
 * the update is atomic (temporary file in the same directory, ``fsync``,
   ``os.replace``, ``fsync`` of the directory), so a reader sees either the old
-  record or the new one, never a half-written file, even across a crash.
+  record or the new one, never a half-written file, even across a crash;
+* the new file keeps the owner, group and permission bits of the old one: a
+  supervisor running as root must not take a user's file away from them; when
+  they cannot be kept, the file is left as it is;
+* the temporary file has a short name of its own, not one derived from the
+  ticket: a ticket long enough to be a valid file name would otherwise give a
+  temporary name longer than NAME_MAX;
+* a file larger than :data:`MAX_TRACKING_BYTES` is not read (a sparse or
+  runaway file must not exhaust memory) and is left untouched.
 
 I/O problems are logged, not raised: the tracking file is bookkeeping, and
 failing to update it must not stop the supervisor from reaping processes. A bad
@@ -46,6 +54,13 @@ __all__ = [
 ]
 
 _DISPATCH_DIR = "dispatch"
+
+#: Tracking files are a few hundred bytes; anything past this is not one.
+MAX_TRACKING_BYTES = 4 * 1024 * 1024
+
+#: ``completed_at`` as the module this package replaces wrote it: UTC, whole
+#: seconds, a literal ``Z`` (readers of the tracking files parse exactly that).
+_COMPLETED_AT_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 _O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
@@ -146,7 +161,7 @@ def _completion_fields(result: object) -> dict[str, Any]:
     status = pick("status")
     fields: dict[str, Any] = {
         "status": None if status is _MISSING else _status_value(status),
-        "completed_at": datetime.now(timezone.utc).isoformat(),
+        "completed_at": datetime.now(timezone.utc).strftime(_COMPLETED_AT_FORMAT),
     }
     for name, default in _RESULT_FIELDS:
         value = pick(name)
@@ -172,11 +187,11 @@ def _completion_fields(result: object) -> dict[str, Any]:
     return fields
 
 
-def _read_existing(path: Path, log: LogSink) -> tuple[bytes, int] | None:
+def _read_existing(path: Path, log: LogSink) -> tuple[bytes, os.stat_result] | None:
     """Read the tracking file without following a symlink.
 
-    Returns its bytes and permission bits, or None (after logging) when there
-    is nothing that may be updated.
+    Returns its bytes and its stat (owner and permission bits are kept), or
+    None (after logging) when there is nothing that may be updated.
     """
     try:
         st = os.lstat(path)
@@ -209,18 +224,33 @@ def _read_existing(path: Path, log: LogSink) -> tuple[bytes, int] | None:
         if not stat.S_ISREG(st.st_mode):
             log.error(f"dispatch tracking file {path} is not a regular file; left untouched")
             return None
+        if st.st_size > MAX_TRACKING_BYTES:
+            log.error(
+                f"dispatch tracking file {path} is {st.st_size} bytes, more than a tracking "
+                f"file can be ({MAX_TRACKING_BYTES}); left untouched"
+            )
+            return None
         chunks: list[bytes] = []
+        size = 0
         while True:
-            chunk = os.read(fd, 65536)
+            # Bounded even if the file grows after the fstat.
+            chunk = os.read(fd, min(65536, MAX_TRACKING_BYTES + 1 - size))
             if not chunk:
                 break
             chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_TRACKING_BYTES:
+                log.error(
+                    f"dispatch tracking file {path} grew past {MAX_TRACKING_BYTES} bytes "
+                    "while being read; left untouched"
+                )
+                return None
     except OSError as exc:
         log.error(f"cannot read dispatch tracking file {path}: {exc}")
         return None
     finally:
         os.close(fd)
-    return b"".join(chunks), stat.S_IMODE(st.st_mode)
+    return b"".join(chunks), st
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -232,20 +262,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, payload: bytes, mode: int) -> None:
+def _write_atomically(
+    path: Path, payload: bytes, mode: int, owner: tuple[int, int] | None = None
+) -> None:
     """Replace ``path`` by a file holding ``payload`` with permission bits ``mode``.
 
     The temporary file is created next to ``path`` (``os.replace`` is only
-    atomic within one file system) and removed again if anything fails.
-    Raises OSError; the caller logs it.
+    atomic within one file system) under a short name of its own (one built
+    from ``path.name`` would exceed NAME_MAX for a long but valid name), and
+    removed again if anything fails. ``owner`` (uid, gid) is given to it
+    before the rename; if that is not permitted the OSError is raised and
+    ``path`` is untouched. Raises OSError; the caller logs it.
     """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".rr-", suffix=".tmp")
     fd_open = True
     try:
         view = memoryview(payload)
         while view:
             written = os.write(fd, view)
             view = view[written:]
+        if owner is not None:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != owner:
+                os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         os.fsync(fd)
         fd_open = False
@@ -260,14 +299,28 @@ def _write_atomically(path: Path, payload: bytes, mode: int) -> None:
         raise
 
 
-def write_json_file(path: Path, record: Mapping[str, Any], mode: int = 0o644) -> None:
-    """Write ``record`` to ``path`` atomically and durably (the exit files of ``run``).
+def write_json_file(
+    path: Path, record: Mapping[str, Any], mode: int = 0o644, *, one_line: bool = False
+) -> None:
+    """Write ``record`` to ``path`` atomically and durably (the exit files of ``run``
+    and of ``spawn_dispatch``; ``one_line``: as the keeper writes its own).
 
-    Raises OSError, TypeError or ValueError; nothing is left at ``path`` but
-    the complete old file or the complete new one.
+    A regular file already at ``path`` keeps its owner, group and permission
+    bits (``mode`` is for a new file). Raises OSError, TypeError or
+    ValueError; nothing is left at ``path`` but the complete old file or the
+    complete new one.
     """
-    payload = (json.dumps(record, indent=2) + "\n").encode("utf-8")
-    _write_atomically(path, payload, mode)
+    text = json.dumps(record) if one_line else json.dumps(record, indent=2)
+    payload = (text + "\n").encode("utf-8")
+    owner: tuple[int, int] | None = None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISREG(st.st_mode):
+            mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    _write_atomically(path, payload, mode, owner)
     _fsync_dir(path.parent)
 
 
@@ -280,7 +333,7 @@ def update_dispatch_tracking_status(
     """Record how a dispatch ended in its existing tracking file.
 
     Keeps every key already in the file and sets ``status`` (the string
-    value), ``completed_at`` (UTC, ISO 8601 with offset), ``return_code``,
+    value), ``completed_at`` (UTC, whole seconds, ``Z``: as upstream), ``return_code``,
     ``duration_ms``, ``termination_method``, ``error``, ``signal``,
     ``core_dumped``, ``descendants_killed``, ``containment``, ``backend``,
     ``user_time_s``, ``system_time_s``, ``max_rss_kb``, ``stage_ms`` and
@@ -293,8 +346,10 @@ def update_dispatch_tracking_status(
     Nothing is created when the file does not exist (the dispatch was not
     tracked). A symlink, a non-regular file, or content that is not a JSON
     object is left untouched and an error is logged. Other failures are logged
-    too; only an invalid ``ticket`` raises (TypeError/ValueError), before any
-    file is touched.
+    too, and so is a file larger than :data:`MAX_TRACKING_BYTES` (left
+    untouched, unread) or one whose owner cannot be kept (left untouched);
+    only an invalid ``ticket`` raises (TypeError/ValueError), before any file
+    is touched.
     """
     path = tracking_path(ralph_dir, ticket)
     log = resolve_logger(logger)
@@ -308,7 +363,7 @@ def update_dispatch_tracking_status(
     existing = _read_existing(path, log)
     if existing is None:
         return
-    raw, mode = existing
+    raw, st = existing
 
     try:
         record = json.loads(raw)
@@ -331,7 +386,7 @@ def update_dispatch_tracking_status(
         return
 
     try:
-        _write_atomically(path, payload, mode)
+        _write_atomically(path, payload, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
     except OSError as exc:
         log.error(f"cannot update dispatch tracking file {path}: {exc}")
         return
