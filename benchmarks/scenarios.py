@@ -345,6 +345,13 @@ def load_spawn_dispatch() -> Any:
     return spawn_dispatch
 
 
+def load_popen() -> Any:
+    """``ralph_reaper.Popen``, or None in a build that predates it."""
+    import ralph_reaper
+
+    return getattr(ralph_reaper, "Popen", None)
+
+
 def keeper_available() -> bool:
     try:
         from ralph_reaper.keeper_path import keeper_path
@@ -1639,6 +1646,22 @@ def s6_spawn_memory(b: Bench) -> Table:
                     name,
                     lambda: _time_spawns(reps, lambda: _keeper_spawn(b, child, "pipe"), finish),
                 ),
+            )
+    popen_cls = load_popen()
+    if popen_cls is None:
+        spawn_entries.append(Entry("ralph_reaper.Popen", "ours", "not in this build: skipped"))
+    else:
+        for name in b.backends:
+            containment = "keeper" if name == "native" and b.keeper else "session"
+
+            def rr_popen_spawn() -> Any:
+                return popen_cls(child, stdin=subprocess.PIPE, start_new_session=True)
+
+            add_spawn(
+                f"ralph_reaper.Popen ({name})",
+                "ours",
+                f"same arguments as Popen, {containment} containment",
+                b.ours(name, lambda: _time_spawns(reps, rr_popen_spawn, popen_finish)),
             )
     mem_entries: list[Entry] = []
 

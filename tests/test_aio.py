@@ -120,7 +120,9 @@ def test_wait_bad_input(backend: str) -> None:
         assert result.status is DispatchCompletionStatus.ERROR
         assert result.error
     with pytest.raises(ValueError):
-        asyncio.run(aio.wait_for_dispatch_completion(dispatch(12345), "pt-1", timeout_ms=-5))
+        asyncio.run(
+            aio.wait_for_dispatch_completion(dispatch(12345), "pt-1", timeout_ms=float("nan"))
+        )
     with pytest.raises(ValueError):
         asyncio.run(aio.wait_for_dispatch_completion(dispatch(12345), "pt-1", eof_wait_ms=-1))
 

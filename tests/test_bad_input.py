@@ -45,16 +45,28 @@ BAD_PIDS: list[tuple[Any, type[Exception]]] = [
 ]
 BAD_PID_IDS = [repr(p) for p, _ in BAD_PIDS]
 
-#: Values that are not a duration in milliseconds.
+#: Values that are not a duration in milliseconds, for any duration.
 BAD_MS: list[tuple[Any, type[Exception]]] = [
-    (-1, ValueError),
-    (-0.5, ValueError),
     (math.nan, ValueError),
+    (math.inf, ValueError),
+    (-math.inf, ValueError),
     (True, TypeError),
     (False, TypeError),
     ("100", TypeError),
 ]
-BAD_MS_IDS = [repr(v) for v, _ in BAD_MS]
+#: Negative durations: refused for the package's own durations only. Upstream's
+#: (``timeout_ms``, ``kill_wait_ms``...) keep upstream's meaning: no timeout, no wait.
+NEGATIVE_MS: list[tuple[Any, type[Exception]]] = [(-1, ValueError), (-0.5, ValueError)]
+UPSTREAM_MS = {"timeout_ms", "poll_interval_ms", "graceful_shutdown_ms", "kill_wait_ms"}
+
+
+def bad_durations(*names: str) -> list[Any]:
+    """(name, value, exception) for every duration named, as pytest params."""
+    return [
+        pytest.param(name, value, exc, id=f"{name}={value!r}")
+        for name in names
+        for value, exc in BAD_MS + ([] if name in UPSTREAM_MS else NEGATIVE_MS)
+    ]
 
 
 class Canaries:
@@ -143,8 +155,7 @@ def test_kernel_threads_are_refused_everywhere(backend: str, canaries: Canaries)
     canaries.check()
 
 
-@pytest.mark.parametrize("value, exc", BAD_MS, ids=BAD_MS_IDS)
-@pytest.mark.parametrize("name", ["kill_wait_ms", "eof_wait_ms"])
+@pytest.mark.parametrize("name, value, exc", bad_durations("kill_wait_ms", "eof_wait_ms"))
 def test_terminate_rejects_bad_durations(
     backend: str, canaries: Canaries, name: str, value: Any, exc: type
 ) -> None:
@@ -204,9 +215,9 @@ def test_wait_on_its_own_pid_is_an_error_result(backend: str, canaries: Canaries
     canaries.check()
 
 
-@pytest.mark.parametrize("value, exc", BAD_MS, ids=BAD_MS_IDS)
 @pytest.mark.parametrize(
-    "name", ["timeout_ms", "poll_interval_ms", "graceful_shutdown_ms", "eof_wait_ms"]
+    "name, value, exc",
+    bad_durations("timeout_ms", "poll_interval_ms", "graceful_shutdown_ms", "eof_wait_ms"),
 )
 def test_wait_rejects_bad_durations(
     backend: str, canaries: Canaries, name: str, value: Any, exc: type

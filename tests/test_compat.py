@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import math
 import os
 import signal
@@ -415,3 +416,97 @@ def test_documented_names_are_importable() -> None:
     assert issubclass(BackendUnavailableError, Exception)
     assert isinstance(__version__, str)
     assert callable(backend_info)
+
+
+# --------------------------------------------------------------------------------------
+# Durations mean what they meant upstream
+
+
+def test_negative_timeout_is_no_timeout(backend: str, started: Started) -> None:
+    """The loop passes -1 when its attempt timeout is configured as -1."""
+    proc = started.sh("sleep 0.2; exit 0")
+    dispatch = ForeignDispatchResult("sess-1", "pt-123", "launched", proc.pid)
+    result = wait_for_dispatch_completion(dispatch, "pt-123", -1, -1, TfLogger(), -1)
+    check_common(result, backend, proc.pid)
+    assert result.status is DispatchCompletionStatus.COMPLETED
+    assert result.timed_out is False
+
+
+def test_negative_grace_is_no_grace(backend: str, started: Started) -> None:
+    proc = started.py(TERM_IGNORING, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline()
+    dispatch = ForeignDispatchResult("sess-1", "pt-123", "launched", proc.pid)
+    result = wait_for_dispatch_completion(
+        dispatch, "pt-123", timeout_ms=100, graceful_shutdown_ms=-1
+    )
+    check_common(result, backend, proc.pid)
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert (result.termination_method, result.return_code) == ("sigkill", -9)
+
+
+def test_negative_kill_wait_is_no_wait(backend: str, started: Started) -> None:
+    proc = started.py(TERM_IGNORING, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline()
+    assert graceful_terminate_dispatch(proc.pid, "sess-1", None, -1) == (True, "sigkill")
+    assert procs.state(proc.pid) is None
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, "600000", None], ids=repr)
+def test_durations_upstream_never_meant_still_raise(
+    backend: str, started: Started, value: Any
+) -> None:
+    proc = started.sh("exit 0")
+    dispatch = ForeignDispatchResult("sess-1", "pt-123", "launched", proc.pid)
+    with pytest.raises((TypeError, ValueError)):
+        wait_for_dispatch_completion(dispatch, "pt-123", timeout_ms=value)
+    assert procs.alive(proc.pid) or procs.state(proc.pid) == "Z"  # not reaped, not waited
+    assert proc.wait() == 0
+
+
+# --------------------------------------------------------------------------------------
+# The loop's logger, and stdlib records
+
+
+class RalphLogger:
+    """Like the loop's ``RalphLogger``: a ``ticket=`` keyword on every method, no ``warning``."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, Optional[str]]] = []
+
+    def info(self, msg: str, ticket: Optional[str] = None) -> None:
+        self.records.append(("info", msg, ticket))
+
+    def debug(self, msg: str, ticket: Optional[str] = None) -> None:
+        self.records.append(("debug", msg, ticket))
+
+    def warn(self, msg: str, ticket: Optional[str] = None) -> None:
+        self.records.append(("warn", msg, ticket))
+
+    def error(self, msg: str, ticket: Optional[str] = None) -> None:
+        self.records.append(("error", msg, ticket))
+
+
+def test_a_ticket_logger_gets_the_ticket_on_every_line(backend: str, started: Started) -> None:
+    proc = started.sh("exec sleep 60")
+    dispatch = ForeignDispatchResult("sess-1", "pt-123", "launched", proc.pid)
+    log = RalphLogger()
+    result = wait_for_dispatch_completion(dispatch, "pt-123", timeout_ms=100, logger=log)
+    assert result.status is DispatchCompletionStatus.TIMEOUT
+    assert {level for level, _, _ in log.records} >= {"info", "warn"}
+    assert all(ticket == "pt-123" for _, _, ticket in log.records), log.records
+    assert all("%" not in msg for _, msg, _ in log.records)  # formatted for it
+
+
+def test_stdlib_records_name_the_dispatch_and_the_caller(
+    backend: str, started: Started, caplog: pytest.LogCaptureFixture
+) -> None:
+    proc = started.sh("exit 3")
+    dispatch = ForeignDispatchResult("sess-1", "pt-123", "launched", proc.pid)
+    with caplog.at_level(logging.DEBUG, logger="ralph_reaper"):
+        wait_for_dispatch_completion(dispatch, "pt-123", 600000)
+    assert caplog.records
+    for record in caplog.records:
+        assert not record.pathname.endswith("logs.py"), record.pathname
+        context = (record.ticket_id, record.session_id, record.pid)  # type: ignore[attr-defined]
+        assert context == ("pt-123", "sess-1", proc.pid)
+    assert any(record.args for record in caplog.records)  # lazy: formatted by the handler

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ralph_reaper.logs import DEFAULT_LOGGER_NAME, LogSink, resolve_logger
+from ralph_reaper.logs import DEFAULT_LOGGER_NAME, LOG_CONTEXT_KEYS, LogSink, resolve_logger
 
 
 class Recorder:
@@ -286,3 +286,113 @@ def test_failing_stdlib_handler_does_not_raise() -> None:
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
+
+
+# --------------------------------------------------------------------------------------
+# What stdlib loggers get: lazy arguments, the caller's location, the dispatch's context
+
+
+def test_stdlib_records_keep_arguments_lazy_and_point_at_the_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("test_logs.lazy")
+    sink = resolve_logger(logger)
+    with caplog.at_level(logging.INFO, logger="test_logs.lazy"):
+        sink.info("stopping %s after %d ms", "pt-1", 250)
+    (record,) = caplog.records
+    assert (record.msg, record.args) == ("stopping %s after %d ms", ("pt-1", 250))
+    assert record.getMessage() == "stopping pt-1 after 250 ms"
+    assert record.pathname == __file__  # not logs.py
+    assert record.funcName == "test_stdlib_records_keep_arguments_lazy_and_point_at_the_caller"
+
+
+def test_arguments_are_not_formatted_for_a_disabled_level() -> None:
+    class Counted:
+        calls = 0
+
+        def __str__(self) -> str:
+            Counted.calls += 1
+            return "counted"
+
+    logger = logging.getLogger("test_logs.disabled")
+    logger.setLevel(logging.ERROR)
+    try:
+        resolve_logger(logger).info("value %s", Counted())
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert Counted.calls == 0
+
+
+def test_adapter_records_point_at_the_caller(caplog: pytest.LogCaptureFixture) -> None:
+    adapter = logging.LoggerAdapter(logging.getLogger("test_logs.where"), {})
+    with caplog.at_level(logging.INFO, logger="test_logs.where"):
+        resolve_logger(adapter).warning("w %d", 1)
+    (record,) = caplog.records
+    assert (record.pathname, record.getMessage()) == (__file__, "w 1")
+
+
+def test_records_carry_the_dispatch_context(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("test_logs.extra")
+    sink = resolve_logger(logger)
+    bound = sink.bind(ticket_id="pt-7", session_id="s-7", pid=4242)
+    with caplog.at_level(logging.INFO, logger="test_logs.extra"):
+        sink.info("unbound")
+        bound.info("bound")
+        bound.bind(pid=None).info("rebound")  # None keeps what was known
+    contexts = [(r.ticket_id, r.session_id, r.pid) for r in caplog.records]  # type: ignore[attr-defined]
+    assert contexts == [(None, None, None), ("pt-7", "s-7", 4242), ("pt-7", "s-7", 4242)]
+    assert sink.context == dict.fromkeys(LOG_CONTEXT_KEYS)
+    assert bound.target is logger
+
+
+# --------------------------------------------------------------------------------------
+# What other loggers get: the formatted message, and ticket= when they take it
+
+
+class TicketLogger:
+    """Like the Ralph loop's logger: each method takes a ``ticket=`` keyword."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def info(self, msg: str, ticket: Any = None) -> None:
+        self.calls.append(("info", msg, ticket))
+
+    def warn(self, msg: str, *, ticket: Any = None) -> None:
+        self.calls.append(("warn", msg, ticket))
+
+    def error(self, msg: str, ticket: Any = None, **extra: Any) -> None:
+        self.calls.append(("error", msg, ticket))
+
+
+def test_a_logger_that_takes_ticket_gets_the_ticket_id() -> None:
+    logger = TicketLogger()
+    sink = resolve_logger(logger).bind(ticket_id="pt-9", pid=12)
+    sink.info("waiting for %s", "pt-9")
+    sink.warning("slow")
+    sink.error("gone: %d", 3)
+    sink.debug("dropped: no debug method")
+    assert logger.calls == [
+        ("info", "waiting for pt-9", "pt-9"),
+        ("warn", "slow", "pt-9"),
+        ("error", "gone: 3", "pt-9"),
+    ]
+
+
+def test_no_ticket_keyword_when_the_ticket_is_unknown() -> None:
+    logger = TicketLogger()
+    resolve_logger(logger).info("no dispatch yet")
+    assert logger.calls == [("info", "no dispatch yet", None)]
+
+
+def test_plain_loggers_get_one_formatted_argument() -> None:
+    logger = FullLogger()
+    sink = resolve_logger(logger).bind(ticket_id="pt-1")
+    sink.info("a %s b %d", "x", 2)
+    sink.warning("100%")  # no arguments: never formatted
+    sink.error("bad %d format", "not a number")  # a broken format still gets through
+    assert logger.calls == [
+        ("info", ("a x b 2",), {}),
+        ("warning", ("100%",), {}),
+        ("error", ("bad %d format ('not a number',)",), {}),
+    ]

@@ -185,7 +185,7 @@ def test_bad_input(backend: str, kids: Kids) -> None:
             assert result.status is DispatchCompletionStatus.ERROR
             assert result.error
         with pytest.raises(ValueError):
-            monitor.watch(dispatch(12345), "pt-1", timeout_ms=-1)
+            monitor.watch(dispatch(12345), "pt-1", timeout_ms=float("nan"))
         with pytest.raises(ValueError):
             monitor.terminate(os.getpid())
         proc = kids.sh("read x", stdin=subprocess.PIPE)

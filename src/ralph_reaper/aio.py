@@ -39,8 +39,7 @@ from .monitor import DispatchMonitor
 from .pins import Pin
 from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchCompletionResult
-from .validation import check_ms
-from .waiting import FIRST_STEP_S, MAX_STEP_S
+from .waiting import FIRST_STEP_S, MAX_STEP_S, poll_step_cap
 from .watches import Watch, prepare
 
 __all__ = ["AsyncDispatchMonitor", "wait_for_dispatch_completion"]
@@ -63,7 +62,7 @@ async def wait_for_dispatch_completion(
     Same parameters and results as :func:`ralph_reaper.wait_for_dispatch_completion`.
     """
     started = time.monotonic()
-    step_cap = min(check_ms("poll_interval_ms", poll_interval_ms) / 1000.0, MAX_STEP_S)
+    step_cap = poll_step_cap(poll_interval_ms)
     prepared = prepare(
         dispatch_result,
         ticket_id,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from .backends import get as get_backend
 from .backends.base import Backend
@@ -32,9 +32,9 @@ from .exits import BOOK
 from .logs import LogSink, resolve_logger
 from .pins import Pin
 from .plan import DEFAULT_EOF_WAIT_MS
-from .results import DispatchCompletionResult
-from .validation import check_ms, check_pid, check_signal_target
-from .waiting import MAX_STEP_S, wait_any
+from .results import DispatchCompletionResult, DispatchLike, LoggerLike
+from .validation import check_ms, check_pid, check_signal_target, check_upstream_ms
+from .waiting import MAX_STEP_S, poll_step_cap, wait_any
 from .watches import Watch, prepare
 
 
@@ -79,7 +79,7 @@ def _poll(backend: Backend, pid: int) -> tuple[bool, Optional[int]]:
 def graceful_terminate_dispatch(
     pid: int,
     session_id: Optional[str] = None,
-    logger: Any = None,
+    logger: Optional[LoggerLike] = None,
     kill_wait_ms: float = 5000.0,
     use_process_group: bool = True,
     *,
@@ -90,7 +90,7 @@ def graceful_terminate_dispatch(
     Returns ``(success, method)`` with method ``not_running``, ``eof``,
     ``sigterm``, ``sigkill`` or ``failed``. With ``use_process_group`` the
     whole tree is stopped (descendants and the leader's own session), not just
-    the leader.
+    the leader. A negative ``kill_wait_ms`` is no wait, as upstream.
     """
     outcome = terminate(
         pid,
@@ -107,7 +107,7 @@ def terminate(
     pid: int,
     *,
     session_id: Optional[str] = None,
-    logger: Any = None,
+    logger: Optional[LoggerLike] = None,
     kill_wait_ms: float = 5000.0,
     use_process_group: bool = True,
     eof_wait_ms: float = DEFAULT_EOF_WAIT_MS,
@@ -120,14 +120,18 @@ def terminate(
     ``stop_reason``.
     """
     pid = check_signal_target(pid)
-    grace_s = check_ms("kill_wait_ms", kill_wait_ms) / 1000.0
+    grace_s = check_upstream_ms("kill_wait_ms", kill_wait_ms) / 1000.0
     eof_wait_s = check_ms("eof_wait_ms", eof_wait_ms) / 1000.0
-    log = resolve_logger(logger)
     containment = "session" if use_process_group else "pid"
     label = f"dispatch {session_id} (pid {pid})" if session_id else f"pid {pid}"
     dispatch = REGISTRY.get(pid)
+    log = resolve_logger(logger).bind(
+        ticket_id=None if dispatch is None else dispatch.ticket_id or None,
+        session_id=session_id or (None if dispatch is None else dispatch.session_id or None),
+        pid=pid,
+    )
     shown = "keeper" if dispatch is not None and dispatch.keeper is not None else containment
-    log.info(f"Stopping {label} ({shown} containment)")
+    log.info("Stopping %s (%s containment)", label, shown)
     backend = get_backend()
     leader = BOOK.take(pid) or Pin.open(backend, pid)
     if leader is None or leader.exited():
@@ -150,9 +154,9 @@ def terminate(
         if not outcome.survivors:
             REGISTRY.release(pid)
     if outcome.success:
-        log.info(f"Stopped {label}: {outcome.method}")
+        log.info("Stopped %s: %s", label, outcome.method)
     else:
-        log.error(f"Could not stop {label}; survivors: {outcome.survivors}")
+        log.error("Could not stop %s; survivors: %s", label, outcome.survivors)
     return outcome
 
 
@@ -180,18 +184,18 @@ def _already_ended(
             Members(backend, None, "session", session=sid), grace_s=grace_s, log=log
         )
     if stop is not None:
-        log.info(f"pid {pid} already exited; stopping what it left behind")
+        log.info("pid %d already exited; stopping what it left behind", pid)
     outcome = not_running(None if stop is None else drive(stop))
     outcome.leader_status = status
     return outcome
 
 
 def wait_for_dispatch_completion(
-    dispatch_result: Any,
+    dispatch_result: DispatchLike,
     ticket_id: str,
     timeout_ms: float = 0,
     poll_interval_ms: float = 1000.0,
-    logger: Any = None,
+    logger: Optional[LoggerLike] = None,
     graceful_shutdown_ms: float = 5000.0,
     *,
     stop_leftovers: bool = True,
@@ -200,8 +204,11 @@ def wait_for_dispatch_completion(
 ) -> DispatchCompletionResult:
     """Wait for a dispatch to end; stop it (whole tree) when ``timeout_ms`` passes.
 
-    ``timeout_ms=0`` waits for ever. ``poll_interval_ms`` caps the backoff of
-    the polling backend only; the others are woken by the exit itself. With
+    ``timeout_ms <= 0`` waits for ever, and a negative
+    ``graceful_shutdown_ms`` or ``poll_interval_ms`` is no wait, as upstream
+    (NaN, infinities and non-numbers raise). ``poll_interval_ms`` caps the
+    backoff of the polling backend only; the others are woken by the exit
+    itself. With
     ``stop_leftovers`` (the default), processes of the leader's own session
     that outlive a natural exit are stopped too, and counted in
     ``descendants_killed``. With ``idle_timeout_ms`` a dispatch that sits
@@ -212,7 +219,7 @@ def wait_for_dispatch_completion(
     before SIGTERM (0 skips the EOF stage).
     """
     started = time.monotonic()
-    step_s = min(check_ms("poll_interval_ms", poll_interval_ms) / 1000.0, MAX_STEP_S)
+    step_s = poll_step_cap(poll_interval_ms)
     prepared = prepare(
         dispatch_result,
         ticket_id,
@@ -232,7 +239,7 @@ def wait_for_dispatch_completion(
 def run_watch(w: Watch, step_s: float = MAX_STEP_S) -> DispatchCompletionResult:
     """Drive a prepared watch to its result, blocking (the blocking face and the CLI)."""
     if w.leader is not None:
-        w.log.info(f"Waiting for dispatch of {w.ticket_id} (pid {w.pid})")
+        w.log.info("Waiting for dispatch of %s (pid %d)", w.ticket_id, w.pid)
         reason = w.reason or _wait(w, step_s)
         other = None if reason is None else joinable(w)
         if other is not None:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from .backends.base import Backend, ExitStatus
-from .pins import REAPED, Pin
+from .pins import Pin
 
 MAX_EXITS = 4096
 MAX_PINS = 256
@@ -37,16 +37,9 @@ class ExitBook:
                 self._exits.popitem(last=False)
 
     def lookup(self, backend: Backend, pid: int) -> Optional[ExitStatus]:
-        """The remembered exit of ``pid``, unless a new process now has that pid.
-
-        An exit reaped through any pin of this process counts, even before its
-        reaper got round to remembering it here: a poll racing a wait must not
-        find the pid gone and call its exit unknown.
-        """
+        """The remembered exit of ``pid``, unless a new process now has that pid."""
         with self._lock:
             entry = self._exits.get(pid)
-        if entry is None:
-            entry = REAPED.latest(pid)
         if entry is None:
             return None
         starttime, status = entry

@@ -90,17 +90,6 @@ class _Reaped:
             while len(self._by_pid) > self.MAX:
                 self._by_pid.popitem(last=False)
 
-    def latest(self, pid: int) -> Optional[tuple[int, ExitStatus]]:
-        """The last exit this process reaped with ``pid``: (start time, status)."""
-        with self._cond:
-            if pid in self._in_flight:
-                self.readers_waiting += 1
-                try:
-                    self._cond.wait_for(lambda: pid not in self._in_flight, self.WAIT_S)
-                finally:
-                    self.readers_waiting -= 1
-            return self._by_pid.get(pid)
-
     def get(self, pin: Pin) -> Optional[ExitStatus]:
         with self._cond:
             if pin.pid in self._in_flight:

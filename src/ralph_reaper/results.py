@@ -10,7 +10,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Protocol
+
+#: What :func:`ralph_reaper.spawn_dispatch` gives the command as its stdin.
+StdinMode = Literal["pipe", "pty", "devnull", "inherit"]
+
+
+class DispatchLike(Protocol):
+    """What the drop-in functions read from a dispatch result: any object with these.
+
+    ``tf.ralph.DispatchResult``, this package's :class:`DispatchResult`, or a
+    loop's own record all fit; a bare pid does not (the old module took the
+    result, not the pid, and a type checker should say so).
+    """
+
+    @property
+    def pid(self) -> Optional[int]: ...
+
+    @property
+    def session_id(self) -> Optional[str]: ...
+
+
+class LoggerLike(Protocol):
+    """The least a logger must have: ``info`` taking a message.
+
+    The package also uses ``debug``, ``warning`` (or ``warn``) and ``error``
+    when they exist, and a ``ticket=`` keyword when the methods take one.
+    """
+
+    def info(self, msg: str, /) -> object: ...
 
 
 class DispatchCompletionStatus(Enum):

@@ -104,11 +104,33 @@ def check_signal_target(pid: object) -> int:
     return value
 
 
-def check_ms(name: str, value: object) -> float:
-    """A duration in milliseconds: a finite real number >= 0."""
+def _finite_ms(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of milliseconds, not {value!r}")
     fvalue = float(value)
-    if math.isnan(fvalue) or math.isinf(fvalue) or fvalue < 0:
+    if math.isnan(fvalue) or math.isinf(fvalue):
+        raise ValueError(f"{name} must be a finite number of milliseconds, not {value!r}")
+    return fvalue
+
+
+def check_ms(name: str, value: object) -> float:
+    """A duration in milliseconds: a finite real number >= 0.
+
+    For the package's own durations, which have no upstream meaning to keep:
+    a negative one is a mistake worth hearing about.
+    """
+    fvalue = _finite_ms(name, value)
+    if fvalue < 0:
         raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
     return fvalue
+
+
+def check_upstream_ms(name: str, value: object) -> float:
+    """A duration ``tf.ralph_completion`` took: any finite number, a negative one read as 0.
+
+    Upstream compared elapsed time against it (``timeout_ms <= 0``: no
+    timeout) or waited "up to" it (a negative wait: no wait), and loops pass
+    ``-1`` for "not configured"; refusing it would crash them on the swap.
+    NaN, infinities and non-numbers never meant anything there: they still raise.
+    """
+    return max(0.0, _finite_ms(name, value))

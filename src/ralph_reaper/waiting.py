@@ -19,6 +19,18 @@ FIRST_STEP_S = 0.0001
 MAX_STEP_S = 0.05
 
 
+def poll_step_cap(poll_interval_ms: object) -> float:
+    """The longest backoff step of a polled wait, from upstream's ``poll_interval_ms``.
+
+    Upstream slept that long between polls; here it only caps the backoff, and
+    0 or less (upstream: no sleep) must not turn into a spin.
+    """
+    from .validation import check_upstream_ms
+
+    asked_s = check_upstream_ms("poll_interval_ms", poll_interval_ms) / 1000.0
+    return min(max(asked_s, FIRST_STEP_S), MAX_STEP_S)
+
+
 def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 

@@ -24,7 +24,7 @@ from .logs import LogSink
 from .pins import Pin
 from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchCompletionResult, DispatchCompletionStatus
-from .validation import check_ms, check_signal_target
+from .validation import check_ms, check_signal_target, check_upstream_ms
 
 #: A progress line this often while a dispatch runs.
 PROGRESS_EVERY_S = 30.0
@@ -124,15 +124,23 @@ def prepare(
     missing or bad pid is an ERROR result, as upstream reports it.
     """
     started = time.monotonic() if started is None else started
-    timeout_s = check_ms("timeout_ms", timeout_ms) / 1000.0
-    grace_s = check_ms("graceful_shutdown_ms", graceful_shutdown_ms) / 1000.0
+    # Upstream's durations keep upstream's meaning: <= 0 is no timeout, or no grace.
+    timeout_s = check_upstream_ms("timeout_ms", timeout_ms) / 1000.0
+    grace_s = check_upstream_ms("graceful_shutdown_ms", graceful_shutdown_ms) / 1000.0
     idle_s = check_ms("idle_timeout_ms", idle_timeout_ms) / 1000.0
     eof_wait_s = check_ms("eof_wait_ms", eof_wait_ms) / 1000.0
     backend = get_backend()
     pid_value = getattr(dispatch_result, "pid", None)
+    session_id = getattr(dispatch_result, "session_id", "") or ""
+    # Every line about this watch, from any face, names its dispatch.
+    log = log.bind(
+        ticket_id=ticket_id,
+        session_id=session_id or None,
+        pid=pid_value if type(pid_value) is int else None,
+    )
     w = Watch(
         ticket_id=ticket_id,
-        session_id=getattr(dispatch_result, "session_id", "") or "",
+        session_id=session_id,
         pid=None,
         backend=backend,
         log=log,

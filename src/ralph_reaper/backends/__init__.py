@@ -13,7 +13,7 @@ import platform
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 from .base import Backend
 
@@ -23,6 +23,29 @@ ENV_VAR = "RALPH_REAPER_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run on this machine."""
+
+
+class KernelFeatures(TypedDict):
+    """What the running kernel offers, as found by trying (not by version number)."""
+
+    kernel: str
+    pidfd: bool
+    #: Exit statuses kept on pidfds (Linux >= 6.15), tried on a real child.
+    pidfd_info_exit: bool
+    #: Whether this process is a child subreaper; None when prctl could not say.
+    child_subreaper: Optional[bool]
+    proc_children: bool
+    cgroup_kill: bool
+
+
+class BackendInfo(TypedDict):
+    """:func:`backend_info`: the active backend, why, and what the others lack here."""
+
+    backend: str
+    reason: str
+    available: dict[str, bool]
+    unavailable_because: dict[str, str]
+    features: KernelFeatures
 
 
 _lock = threading.Lock()
@@ -129,20 +152,24 @@ def using(name: str) -> Iterator[Backend]:
             _active, _reason = saved
 
 
-def _kernel_features() -> dict[str, Any]:
+def _kernel_features() -> KernelFeatures:
     from . import _prctl
 
     pid = os.getpid()
-    features: dict[str, Any] = {"kernel": platform.release()}
-    features["pidfd"] = _pidfd_problem() is None
-    features["pidfd_info_exit"] = features["pidfd"] and _exit_info_works()
+    pidfd = _pidfd_problem() is None
+    subreaper: Optional[bool]
     try:
-        features["child_subreaper"] = _prctl.get_child_subreaper()
+        subreaper = _prctl.get_child_subreaper()
     except OSError:
-        features["child_subreaper"] = None
-    features["proc_children"] = os.path.exists(f"/proc/{pid}/task/{pid}/children")
-    features["cgroup_kill"] = os.path.exists("/sys/fs/cgroup/cgroup.kill")
-    return features
+        subreaper = None
+    return {
+        "kernel": platform.release(),
+        "pidfd": pidfd,
+        "pidfd_info_exit": pidfd and _exit_info_works(),
+        "child_subreaper": subreaper,
+        "proc_children": os.path.exists(f"/proc/{pid}/task/{pid}/children"),
+        "cgroup_kill": os.path.exists("/sys/fs/cgroup/cgroup.kill"),
+    }
 
 
 def _exit_info_works() -> bool:
@@ -161,7 +188,7 @@ def _exit_info_works() -> bool:
     return status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
 
 
-def backend_info() -> dict[str, Any]:
+def backend_info() -> BackendInfo:
     """Which backend is active and why, what each backend lacks here, and the kernel's features."""
     backend = get()
     return {
