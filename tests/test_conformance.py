@@ -123,7 +123,8 @@ class Scenario:
     eof_wait_ms: float = EOF_WAIT_MS
     #: False only where nothing was started.
     launched: bool = True
-    #: The exit status of ``ralph-reaper run`` (coreutils timeout's conventions).
+    #: The exit status of ``ralph-reaper run`` as ``Popen.wait`` sees it (coreutils
+    #: timeout's conventions: -N when it ended by signal N, as the command did).
     cli_exit: int = 0
 
     def __str__(self) -> str:
@@ -192,7 +193,8 @@ SCENARIOS = [
             "stop_reason": None,
             "timed_out": False,
         },
-        cli_exit=128 + 10,
+        # As timeout(1): a command killed by signal N, run ends by N itself.
+        cli_exit=-10,
     ),
     Scenario(
         "core",
@@ -206,7 +208,7 @@ SCENARIOS = [
             "stop_reason": None,
             "timed_out": False,
         },
-        cli_exit=128 + 11,
+        cli_exit=-11,
     ),
     Scenario(
         "timeout_cooperative",
@@ -227,7 +229,7 @@ SCENARIOS = [
         stage_has=("sigterm", "sigkill"),
         stage_min={"eof": EOF_MIN_MS, "sigterm": GRACE_MIN_MS},
         grace_ms=GRACE_MS,
-        cli_exit=124,
+        cli_exit=137,  # as timeout(1) when it had to send SIGKILL
     ),
     Scenario(
         "timeout_eof",
@@ -292,7 +294,7 @@ SCENARIOS = [
         stage_has=("sigterm",),
         stage_lacks=("sigkill",),
         stage_min={"eof": EOF_MIN_MS},
-        cli_exit=128 + 15,
+        cli_exit=-15,
     ),
     Scenario(
         # The main thread exits while another thread runs: /proc shows the
@@ -516,7 +518,7 @@ def face_cli(run: Run) -> dict[str, Any]:
         "-m",
         "ralph_reaper",
         "run",
-        "--json",
+        "--json=-",
         "--ticket",
         "t",
         "--timeout",
