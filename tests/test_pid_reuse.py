@@ -145,6 +145,9 @@ def _unshare_problem() -> str:
     return ""
 
 
+UNSHARE = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+
 @pytest.mark.timeout(300)
 def test_recycled_pid_is_never_signalled_nor_misreported(backend: str) -> None:
     problem = _unshare_problem()
@@ -154,8 +157,7 @@ def test_recycled_pid_is_never_signalled_nor_misreported(backend: str) -> None:
     # --kill-child: if this test gives up on the namespace, its init dies and
     # takes every process of the namespace with it (nothing is left behind).
     done = subprocess.run(
-        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
-        + [sys.executable, "-c", SCRIPT, backend],
+        [*UNSHARE, sys.executable, "-c", SCRIPT, backend],
         capture_output=True,
         text=True,
         env=env,
