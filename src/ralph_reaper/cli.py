@@ -17,6 +17,7 @@ from typing import Any, NoReturn, Optional
 from . import __version__
 from .backends import BackendUnavailableError
 from .cli_args import parse_duration
+from .cli_docs import bash_completion, man_page
 from .cli_doctor import add_parser as add_doctor
 from .cli_report import emit
 from .cli_run import EXIT_LAUNCHER, cmd_run
@@ -94,7 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", default="", metavar="LIST", help="comma-separated")
     bench.add_argument("--only", default="", metavar="LIST", help="scenarios, e.g. S1,S4")
     bench.set_defaults(func=cmd_bench, parser=bench)
+    man = sub.add_parser("man", help="print the man page, generated from this parser (roff)")
+    man.set_defaults(func=lambda _args: _print(man_page(build_parser())), parser=man)
+    completion = sub.add_parser(
+        "completion", help="print a shell completion script, generated from this parser"
+    )
+    completion.add_argument("shell", choices=["bash"], help="the shell to complete in")
+    completion.set_defaults(
+        func=lambda _args: _print(bash_completion(build_parser())), parser=completion
+    )
     return parser
+
+
+def _print(text: str) -> int:
+    emit(text.rstrip("\n"), sys.stdout)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -132,6 +132,11 @@ _LONG: dict[str, tuple[bool, str]] = {
 _SHORT = {"s": "signal", "k": "kill-after", "q": "quiet", "v": "verbose", "h": "help"}
 
 
+def run_option_words() -> list[str]:
+    """Every option ``run`` takes, as typed (for generated completion)."""
+    return [f"-{letter}" for letter in _SHORT] + [f"--{name}" for name in _LONG]
+
+
 def _long_name(word: str) -> str:
     """The option a ``--word`` names: exact, or the one option it abbreviates (getopt_long)."""
     if word in _LONG:
