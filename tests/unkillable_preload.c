@@ -12,11 +12,15 @@
  *
  * It wraps the two ways our code sends a signal: kill(2) through libc, and
  * pidfd_send_signal(2) through syscall(3) (the C core, the keeper and
- * CPython's signal.pidfd_send_signal all use syscall(3) for it).  Signals to
- * a process group (kill with pid <= 0) pass through: nothing in the stop
- * sequences sends those.
+ * CPython's signal.pidfd_send_signal all use syscall(3) for it).  A SIGKILL
+ * to a whole process group (killpg, kill with a negative pid, or a pidfd
+ * with PIDFD_SIGNAL_PROCESS_GROUP) is sent to each member in turn instead,
+ * sparing the targets, as the kernel's group signal would miss a process in
+ * D state.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -31,6 +35,8 @@
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424
 #endif
+
+#define PIDFD_SIGNAL_PROCESS_GROUP (1UL << 2)
 
 static const char TARGET[] = "rr-unkillable\n";
 
@@ -71,15 +77,71 @@ static pid_t pidfd_pid(long fd)
     return line ? (pid_t)strtol(line + 5, NULL, 10) : 0;
 }
 
+static int real_kill(pid_t pid, int sig)
+{
+    static int (*next)(pid_t, int);
+
+    if (!next)
+        next = (int (*)(pid_t, int))dlsym(RTLD_NEXT, "kill");
+    return next(pid, sig);
+}
+
+/* The process group of pid (field 5 of its stat), or 0. */
+static pid_t pgrp_of(pid_t pid)
+{
+    char path[64], stat[512], *end;
+    int pgrp = 0;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    if (read_small(path, stat, sizeof stat) <= 0 || !(end = strrchr(stat, ')')))
+        return 0;
+    if (sscanf(end + 1, " %*c %*d %d", &pgrp) != 1)
+        return 0;
+    return (pid_t)pgrp;
+}
+
+/* SIGKILL every member of group pgid but the targets; 0 if one was found. */
+static int kill_group_sparing(pid_t pgid)
+{
+    DIR *proc = opendir("/proc");
+    struct dirent *d;
+    int found = 0;
+
+    if (!proc)
+        return -1;
+    while ((d = readdir(proc)) != NULL) {
+        pid_t pid = (pid_t)strtol(d->d_name, NULL, 10);
+
+        if (pid > 0 && pgrp_of(pid) == pgid) {
+            found = 1;
+            if (!is_target(pid))
+                real_kill(pid, SIGKILL);
+        }
+    }
+    closedir(proc);
+    if (!found)
+        errno = ESRCH;
+    return found ? 0 : -1;
+}
+
 int kill(pid_t pid, int sig)
 {
-    static int (*real_kill)(pid_t, int);
-
+    if (sig == SIGKILL && pid < -1)
+        return kill_group_sparing(-pid);
     if (sig == SIGKILL && is_target(pid))
         return 0;
-    if (!real_kill)
-        real_kill = (int (*)(pid_t, int))dlsym(RTLD_NEXT, "kill");
     return real_kill(pid, sig);
+}
+
+int killpg(pid_t pgrp, int sig)
+{
+    static int (*next)(pid_t, int);
+
+    if (sig == SIGKILL && pgrp > 1)
+        return kill_group_sparing(pgrp);
+    if (!next)
+        next = (int (*)(pid_t, int))dlsym(RTLD_NEXT, "killpg");
+    return next(pgrp, sig);
 }
 
 long syscall(long number, ...)
@@ -93,6 +155,9 @@ long syscall(long number, ...)
     for (i = 0; i < 6; i++)
         a[i] = va_arg(ap, long);
     va_end(ap);
+    if (number == SYS_pidfd_send_signal && a[1] == SIGKILL &&
+        ((unsigned long)a[3] & PIDFD_SIGNAL_PROCESS_GROUP))
+        return kill_group_sparing(pidfd_pid(a[0]));
     if (number == SYS_pidfd_send_signal && a[1] == SIGKILL && is_target(pidfd_pid(a[0])))
         return 0;
     if (!real_syscall)
