@@ -69,11 +69,10 @@ def _poll(backend: Backend, pid: int) -> tuple[bool, Optional[int]]:
         return True, None
     status = pin.collect()
     pin.close()
+    if status is not None:  # before the release: a dispatch's exit file reads it
+        BOOK.remember(pid, pin.starttime, status)
     REGISTRY.release(pid)
-    if status is None:
-        return False, None
-    BOOK.remember(pid, pin.starttime, status)
-    return False, status.return_code
+    return False, None if status is None else status.return_code
 
 
 def graceful_terminate_dispatch(

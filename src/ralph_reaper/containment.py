@@ -147,7 +147,7 @@ class Members:
                 continue
         return reaped
 
-    def signal_group(self, sig: int) -> None:
+    def signal_group(self, sig: int) -> bool:
         """Send ``sig`` to the session leader's process group, at once, by pidfd.
 
         One signal to the whole group lands on every member atomically, a
@@ -158,14 +158,14 @@ class Members:
         without it only the per-member signals are sent.
         """
         if self.group_fd < 0:
-            self._signal_group_of_child(sig)
-            return
+            return self._signal_group_of_child(sig)
         try:
             signal.pidfd_send_signal(self.group_fd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
         except (OSError, AttributeError):  # no such group left, or an older kernel
-            return
+            return False
+        return True
 
-    def _signal_group_of_child(self, sig: int) -> None:
+    def _signal_group_of_child(self, sig: int) -> bool:
         """Without pidfds: ``killpg`` only while the leader is our unreaped child.
 
         Until this process reaps it, its pid (the group's number) cannot be
@@ -173,12 +173,13 @@ class Members:
         """
         leader = self.leader
         if leader is None or leader.reaped or self.session != leader.pid:
-            return
+            return False
         try:
             os.waitid(os.P_PID, leader.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             os.killpg(leader.pid, sig)
         except OSError:  # not our child, or no group left
-            return
+            return False
+        return True
 
     def live(self) -> list[Pin]:
         return [p for p in self.pins.values() if p.status is None and not p.exited()]

@@ -172,8 +172,11 @@ class Stop:
         self._discover()
         live = self.members.live()
         for sig in signals:
-            self.members.signal_group(sig)
-            self.signalled.update(p.pid for p in live if p.signal(sig))
+            grouped = self.members.signal_group(sig)
+            hit = {p.pid for p in live if p.signal(sig)}
+            if grouped:  # the group's signal may have ended a member before its own
+                hit |= {p.pid for p in live}
+            self.signalled.update(hit)
 
     def _check_keeper(self) -> None:
         """A keeper that died without its final report (SIGKILLed, say) stopped nothing:
