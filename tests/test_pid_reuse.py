@@ -34,6 +34,8 @@ def recycle(pid, argv=("sleep", "30"), **popen):
             return child
         child.kill()
         child.wait()
+        if child.stdin is not None:
+            child.stdin.close()
     raise SystemExit(f"pid {pid} never came round again")
 
 # Pids below 300 are never handed out again after a wrap: start above them.
@@ -112,7 +114,16 @@ with using(sys.argv[1]) as backend:
         time.sleep(0.01)
     while open(f"/proc/{leader.pid}/cmdline").read() != "sleep\x0030\x00":
         time.sleep(0.01)
-    job = recycle(member.pid, ["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    # The job forks only once it has the pid: a job killed for the wrong pid would
+    # leave its sleep behind, and a few hundred of those fill the namespace.
+    job = recycle(
+        member.pid,
+        ["sh", "-c", "read go; sleep 30 & wait"],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )
+    job.stdin.write(b"go\n")
+    job.stdin.flush()
     while not open(f"/proc/{job.pid}/task/{job.pid}/children").read().split():
         time.sleep(0.001)
     (job_child,) = [int(x) for x in open(f"/proc/{job.pid}/task/{job.pid}/children").read().split()]
