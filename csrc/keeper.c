@@ -64,8 +64,10 @@
  *   control fd, the tree is stopped with min(grace, 500 ms).  Without
  *   --die-with-parent, EOF on the control fd just stops reading it.
  *
- * Control fd: lines "stop <grace_ms>\n" ("stop\n": the --grace-ms value) and
- * "kill\n".  Other lines are ignored.
+ * Control fd: lines "stop <grace_ms>\n" ("stop\n": the --grace-ms value),
+ * "stop <grace_ms> <signo>\n" (the stop begins with that signal, as when the
+ * keeper itself receives SIGINT, SIGHUP or SIGQUIT; SIGKILL means no grace)
+ * and "kill\n".  Other lines are ignored.
  *
  * Report (--report-fd): one JSON object per line.
  *   {"event":"started","pid":P}        once the exec succeeded
@@ -922,12 +924,26 @@ static void control_line(struct keeper *k, char *line)
     } else if (strcmp(line, "stop") == 0) {
         request_stop(k, k->grace_ms, RS_CONTROL);
     } else if (strncmp(line, "stop ", 5) == 0) {
-        const char *arg = line + 5;
+        char *arg = line + 5, *sig_arg;
+        long long sig = 0;
 
         while (*arg == ' ')
             arg++;
-        if (parse_num(arg, 0, MAX_MS, &grace) == 0)
-            request_stop(k, grace, RS_CONTROL);
+        sig_arg = strchr(arg, ' ');
+        if (sig_arg) {
+            *sig_arg++ = '\0';
+            while (*sig_arg == ' ')
+                sig_arg++;
+            if (parse_num(sig_arg, 1, NSIG - 1, &sig) != 0)
+                return;
+        }
+        if (parse_num(arg, 0, MAX_MS, &grace) != 0)
+            return;
+        if (sig == SIGKILL)
+            grace = 0;
+        else if (sig && k->phase == PH_RUNNING && !k->first_sig)
+            k->first_sig = (int)sig;
+        request_stop(k, grace, RS_CONTROL);
     }
     /* anything else: ignored */
 }

@@ -364,6 +364,61 @@ def test_control_kill_skips_the_grace(run: Any) -> None:
     assert final["stage_ms"]["sigterm"] is None and final["stage_ms"]["sigkill"] is not None
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
+def test_control_stop_begins_with_the_signal_named(run: Any, sig: signal.Signals) -> None:
+    """``stop <ms> <signo>``: the command gets that signal first, as when the keeper
+    itself receives it; the grace is the one given on the line."""
+    k = run(
+        py("signal.signal(signal.SIGTERM, signal.SIG_IGN); out(os.getpid()); forever()"),
+        control=True,
+        grace_ms=60_000,
+    )
+    members = k.pids(1)
+    k.next_event()
+    k.control(f"stop 30000 {int(sig)}\n")
+    status = k.wait()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig
+    assert_gone(members)
+    assert k.final["method"] == "sigterm" and k.final["reason"] == "control"
+
+
+def test_control_stop_with_sigkill_skips_the_grace(run: Any) -> None:
+    k = run(
+        py("signal.signal(signal.SIGTERM, signal.SIG_IGN); out(os.getpid()); forever()"),
+        control=True,
+        grace_ms=60_000,
+    )
+    members = k.pids(1)
+    k.next_event()
+    k.control("stop 60000 9\n")
+    status = k.wait()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert_gone(members)
+    assert k.final["stage_ms"]["sigterm"] is None
+
+
+@pytest.mark.parametrize("line", ["stop 200 0", "stop 200 65", "stop 200 x", "stop 200 -15"])
+def test_a_bad_signal_on_a_stop_line_is_ignored(run: Any, line: str) -> None:
+    """A line the keeper cannot read changes nothing; the next good one is obeyed."""
+    k = run(
+        py(
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: os._exit(3))\n"
+            "out(os.getpid()); forever()"
+        ),
+        control=True,
+        grace_ms=60_000,
+    )
+    members = k.pids(1)
+    k.next_event()
+    k.control(line + "\n")  # obeyed, it would start a stop the next line cannot change
+    k.control(f"stop 60000 {int(signal.SIGUSR1)}\n")  # the handler exits 3
+    status = k.wait()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    assert_gone(members)
+    assert k.final["reason"] == "control"
+
+
 def test_command_ignoring_sigterm_gets_sigkill_after_grace(run: Any) -> None:
     k = run(
         py("signal.signal(signal.SIGTERM, signal.SIG_IGN); out(os.getpid()); forever()"),

@@ -367,16 +367,10 @@ class _Run:
             self.stop_thread.start()
 
     def _stop(self, pid: int, first_signal: int, reason: str) -> None:
-        kill_wait_ms = self.opts.kill_after_s * 1000.0
-        dispatch = REGISTRY.get(pid)
-        if first_signal == signal.SIGKILL and dispatch is not None and dispatch.keeper is not None:
-            # A keeper asked to stop with no grace sends SIGKILL alone; SIGKILL sent
-            # to the keeper itself would kill it before it could report.
-            first_signal, kill_wait_ms = int(signal.SIGTERM), 0.0
         with contextlib.suppress(Exception):
             terminate(
                 pid,
-                kill_wait_ms=kill_wait_ms,
+                kill_wait_ms=self.opts.kill_after_s * 1000.0,
                 eof_wait_ms=self.opts.eof_wait_s * 1000.0,
                 first_signal=first_signal,
                 reason=reason,

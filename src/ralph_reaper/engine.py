@@ -40,6 +40,9 @@ from .waiting import wait_all
 #: a keeper before stopping the tree itself.
 KEEPER_SLACK_S = 1.0
 
+#: The signals on which a keeper stops its tree, beginning with the signal received.
+KEEPER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
 
 @dataclass
 class StopOutcome:
@@ -196,8 +199,11 @@ class Stop:
     def _ask_keeper(self) -> None:
         keeper = None if self.dispatch is None else self.dispatch.keeper
         grace = self.keeper_grace_ms or 0.0
-        if (keeper is None or not keeper.request_stop(grace)) and self.leader is not None:
-            self.leader.signal(signal.SIGTERM)
+        first = self.plan.first_signal
+        if keeper is not None and keeper.request_stop(grace, first):
+            return
+        if self.leader is not None:  # no control pipe: a signal the keeper stops on
+            self.leader.signal(first if first in KEEPER_STOP_SIGNALS else signal.SIGTERM)
 
     # ------------------------------------------------------------ the end
 
@@ -331,14 +337,22 @@ def tree_stop(
 
 
 def keeper_stop(
-    dispatch: Dispatch, leader: Pin, *, grace_s: float, eof_wait_s: float, log: LogSink
+    dispatch: Dispatch,
+    leader: Pin,
+    *,
+    grace_s: float,
+    eof_wait_s: float,
+    log: LogSink,
+    first_signal: int = int(signal.SIGTERM),
 ) -> Stop:
-    """A stop of a keeper-contained dispatch: EOF from here, the rest by the keeper."""
+    """A stop of a keeper-contained dispatch: EOF from here, the rest by the keeper
+    (beginning with ``first_signal``; the host waits beyond the keeper's own grace)."""
     members = Members(get_backend(), leader, "pid")
     plan = StopPlan(
         eof_wait_s=eof_wait_s,
         term_wait_s=grace_s + KILL_WAIT_S + KEEPER_SLACK_S,
         eof=dispatch.stdin_fd is not None and eof_wait_s > 0,
+        first_signal=first_signal,
     )
     return Stop(members, plan, log=log, dispatch=dispatch, keeper_grace_ms=grace_s * 1000.0)
 
@@ -354,8 +368,15 @@ def dispatch_stop(
     first_signal: int = int(signal.SIGTERM),
 ) -> Stop:
     """The stop of a live leader, under the containment its dispatch has."""
-    if dispatch is not None and dispatch.keeper is not None and first_signal == signal.SIGTERM:
-        return keeper_stop(dispatch, leader, grace_s=grace_s, eof_wait_s=eof_wait_s, log=log)
+    if dispatch is not None and dispatch.keeper is not None:
+        return keeper_stop(
+            dispatch,
+            leader,
+            grace_s=grace_s,
+            eof_wait_s=eof_wait_s,
+            log=log,
+            first_signal=first_signal,
+        )
     members = Members(get_backend(), leader, containment)
     return tree_stop(
         members,

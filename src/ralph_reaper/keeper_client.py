@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import select
+import signal
 import stat
 import tempfile
 import threading
@@ -88,14 +89,18 @@ class KeeperLink:
         self._buffer = b""
         self._lock = threading.Lock()
 
-    def request_stop(self, grace_ms: float) -> bool:
-        """Ask the keeper to run its stop sequence; False if it cannot be asked."""
+    def request_stop(self, grace_ms: float, first_signal: int = int(signal.SIGTERM)) -> bool:
+        """Ask the keeper to run its stop sequence, beginning with ``first_signal``
+        (SIGKILL: no grace); False if it cannot be asked."""
+        line = f"stop {keeper_ms(grace_ms)}"
+        if first_signal != signal.SIGTERM:
+            line += f" {int(first_signal)}"
         with self._lock:
             fd = self.control_fd
             if fd is None:
                 return False
             try:
-                os.write(fd, f"stop {keeper_ms(grace_ms)}\n".encode())
+                os.write(fd, (line + "\n").encode())
             except OSError:
                 return False
             return True
