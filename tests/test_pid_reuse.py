@@ -141,6 +141,41 @@ with using(sys.argv[1]) as backend:
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
+    # 5. A cached start time is trusted until the allocator comes round to its pid,
+    #    and only until then. ns_last_pid places the allocator (we are root here).
+    import ralph_reaper.lineage as lineage
+    lineage.MAX_GAP_S = 3600.0  # the allocator's moves alone decide, not the clock
+
+    def next_pid_after(last):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(last))
+
+    def read(p):
+        st = backend.proc_stat(p)
+        return None if st is None else st.starttime
+
+    def unread(p):
+        raise AssertionError(f"pid {p} read again while its cached start time held")
+
+    next_pid_after(349)
+    old = subprocess.Popen(["sleep", "30"])
+    assert old.pid == 350, old.pid
+    next_pid_after(304)  # 350 is now ahead of the allocator: 46 moves away
+    clock = lineage.PidClock()
+    clock.tick()
+    born = clock.start_of(old.pid, read)
+    assert born == read(old.pid)
+    for argv in (["true"], ["true"]):  # the allocator moves, not yet to 350
+        subprocess.run(argv)
+    clock.tick()
+    assert clock.start_of(old.pid, unread) == born
+    old.kill()
+    old.wait()
+    new = recycle(old.pid)
+    clock.tick()
+    assert clock.start_of(new.pid, read) == read(new.pid) != born, "a stale start time held"
+    new.kill()
+    new.wait()
 print("ok")
 """
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
 from .backends.base import Backend, ProcStat
+from .backends.procfs import children_of
+from .lineage import Lineage, full_scan_members
 from .pins import Pin
 from .validation import is_ancestor
 
@@ -37,13 +39,18 @@ class Members:
         extra_roots: Sequence[int] = (),
         session: Optional[int] = None,
         group_fd: int = -1,
+        lineage: Optional[Lineage] = None,
+        others: Optional[Callable[[int, int], bool]] = None,
     ) -> None:
         """``extra_roots`` are searched for descendants but never pinned or signalled:
         a dedicated supervisor passes its own pid to sweep up orphans it inherited.
         ``session`` names the session to scan when there is no leader to read it from
         (a reaped leader's session keeps its id, which no new process can take).
         ``group_fd``, owned from then on: a pidfd of that session's (former) leader,
-        kept past its exit so its process group can still be signalled."""
+        kept past its exit so its process group can still be signalled.
+        ``lineage``: where that session's processes can be (see :mod:`.lineage`);
+        without it, read from a live leader, or else every process is read.
+        ``others``: which of our children are other dispatches of ours."""
         if containment not in CONTAINMENTS:
             raise ValueError(f"containment must be one of {CONTAINMENTS}, not {containment!r}")
         self.backend = backend
@@ -66,6 +73,10 @@ class Members:
             self.group_fd = -1
         elif self.group_fd < 0:
             self.group_fd = group_fd
+        if lineage is None and leader is not None and self.session == leader.pid:
+            lineage = Lineage.record(backend, leader.pid)
+        self.lineage = lineage if lineage is not None and lineage.leader == self.session else None
+        self.others = others
 
     def discover(self) -> int:
         """Pin members not yet pinned; return how many were added.
@@ -87,18 +98,26 @@ class Members:
                 accepted.add(pid)
                 added += self._pin(pid, st)
         if self.session is not None:
-            # Our own children too: as a subreaper this process inherits every
-            # orphan of the session, and its small children file is read whole,
-            # where a scan of /proc can miss a member that forks and exits faster
-            # than the scan moves (it keeps landing on pids the scan has passed).
-            from .backends.procfs import children_of
-
-            found = self.backend.session_members(self.session)
-            for pid in [*found, *(c for c in children_of(os.getpid()) if c not in found)]:
+            for pid in self.session_members():
                 st = self._candidate(pid)
                 if st is not None and st.session == self.session:
                     added += self._pin(pid, st)
         return added
+
+    def session_members(self) -> list[int]:
+        """The session's processes not pinned yet: searched where they can be, or,
+        without a lineage, read from every process."""
+        assert self.session is not None
+        if self.lineage is not None:
+            return self.lineage.members(
+                self.backend, self.session, skip=self.pins, others=self.others
+            )
+        # Our own children too: as a subreaper this process inherits every
+        # orphan of the session, and its small children file is read whole,
+        # where a scan of /proc can miss a member that forks and exits faster
+        # than the scan moves (it keeps landing on pids the scan has passed).
+        found = full_scan_members(self.backend, self.session)
+        return [*found, *(c for c in children_of(os.getpid()) if c not in found)]
 
     def _candidate(self, pid: int) -> Optional[ProcStat]:
         if pid in self.pins or is_ancestor(pid):
@@ -133,7 +152,6 @@ class Members:
         if self.session is None:
             return 0
         from .backends.polling import wait4_nohang
-        from .backends.procfs import children_of
 
         reaped = 0
         for pid in children_of(os.getpid()):
@@ -199,12 +217,30 @@ class Members:
         self.group_fd = -1
 
 
-def sessions_in_use(backend: Backend, sids: set[int]) -> set[int]:
-    """Which of ``sids`` still have a process (zombies count: they may need reaping).
+def sessions_in_use(
+    backend: Backend,
+    wanted: Mapping[int, Optional[Lineage]],
+    others: Optional[Callable[[int, int], bool]] = None,
+) -> set[int]:
+    """Which sessions of ``wanted`` still have a process (zombies count: they may need
+    reaping).
 
-    One session: the backend's own scan. Several: one pass over ``/proc`` for
+    A session with its lineage: searched where its processes can be. Without:
+    one session, the backend's own scan; several, one pass over ``/proc`` for
     all, so that N exits drained together cost one scan, not N.
     """
+    found = {
+        sid
+        for sid, lineage in wanted.items()
+        if lineage is not None
+        and lineage.leader == sid
+        and lineage.members(backend, sid, others=others, stop_at_first=True)
+    }
+    rest = {sid for sid, lineage in wanted.items() if lineage is None or lineage.leader != sid}
+    return found | _scanned_in_use(backend, rest) if rest else found
+
+
+def _scanned_in_use(backend: Backend, sids: set[int]) -> set[int]:
     if len(sids) == 1:
         (sid,) = sids
         return {sid} if backend.session_members(sid) else set()

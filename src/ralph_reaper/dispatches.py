@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .keeper_client import KeeperLink
+from .lineage import Lineage
 
 EOT = b"\x04"  # ^D: end of input for a terminal in canonical mode
 
@@ -39,6 +40,10 @@ class Dispatch:
     idle_timeout_ms: float = 0.0
     output_paths: list[str] = field(default_factory=list)
     spawned_at: float = field(default_factory=time.monotonic)
+    #: From /proc/<pid>/stat once spawned (None: it could not be read).
+    starttime: Optional[int] = None
+    #: The session leader's ancestry, for bounded searches of its session.
+    lineage: Optional[Lineage] = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -132,6 +137,13 @@ class Registry:
     def get(self, pid: int) -> Optional[Dispatch]:
         with self._lock:
             return self._by_pid.get(pid)
+
+    def started_here(self, pid: int, starttime: int) -> bool:
+        """Whether ``pid`` is a dispatch this process forked (its start time says it is
+        that process, not a later one with its pid)."""
+        with self._lock:
+            dispatch = self._by_pid.get(pid)
+        return dispatch is not None and dispatch.starttime == starttime
 
     def release(self, pid: int) -> None:
         """Forget a dispatch whose exit has been collected, closing its fds."""

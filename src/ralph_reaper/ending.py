@@ -83,7 +83,15 @@ def sweep_for(w: Watch) -> Optional[Stop]:
     if not needs_sweep(w):
         return None
     assert w.sid is not None
-    members = Members(w.backend, None, "session", session=w.sid, group_fd=group_fd)
+    members = Members(
+        w.backend,
+        None,
+        "session",
+        session=w.sid,
+        group_fd=group_fd,
+        lineage=w.lineage,
+        others=REGISTRY.started_here,
+    )
     stop = leftovers_stop(members, grace_s=w.grace_s, log=w.log)
     if stop is not None:
         w.log.info(f"pid {w.pid} exited; stopping what it left in its session {w.sid}")

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from .backends import get as get_backend
 from .backends.base import ExitStatus
 from .containment import Members
-from .dispatches import Dispatch
+from .dispatches import REGISTRY, Dispatch
 from .exits import BOOK
 from .keeper_client import command_status, report_stage_ms, report_survivors
 from .logs import LogSink
@@ -377,7 +377,13 @@ def dispatch_stop(
             log=log,
             first_signal=first_signal,
         )
-    members = Members(get_backend(), leader, containment)
+    members = Members(
+        get_backend(),
+        leader,
+        containment,
+        lineage=None if dispatch is None else dispatch.lineage,
+        others=REGISTRY.started_here,
+    )
     return tree_stop(
         members,
         grace_s=grace_s,

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from .backends import get as get_backend
 from .backends.base import EpollSet, ExitStatus
 from .containment import sessions_in_use
+from .dispatches import REGISTRY
 from .ending import collect_leader, finish, joinable, needs_sweep, stop_for, sweep_for
 from .engine import ONGOING, Stop, StopOutcome, not_running
 from .logs import resolve_logger
@@ -577,14 +578,18 @@ class DispatchMonitor:
     def _sweep(self) -> None:
         """Natural ends of one turn: one scan says which sessions still have members."""
         batch, self._ending = self._ending, []
-        sids = {e.watch.sid for e in batch if needs_sweep(e.watch) and e.watch.sid is not None}
+        sids = {
+            e.watch.sid: e.watch.lineage
+            for e in batch
+            if needs_sweep(e.watch) and e.watch.sid is not None
+        }
         for entry in batch:
             collect_leader(entry.watch)
         try:
-            busy = sessions_in_use(self._backend, sids) if sids else set()
+            busy = sessions_in_use(self._backend, sids, REGISTRY.started_here) if sids else set()
         except Exception as exc:  # cannot tell: look at each session on its own
             self._log.warning(f"ralph-reaper: session scan failed ({exc!r})")
-            busy = sids
+            busy = set(sids)
         for entry in batch:
             if entry.state == _ENDING:
                 self._safely(entry, self._sweep_one, entry, busy)

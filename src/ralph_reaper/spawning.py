@@ -31,6 +31,7 @@ from .keeper_client import (
     write_exit_file,
 )
 from .keeper_path import keeper_path
+from .lineage import Lineage
 from .logs import resolve_logger
 from .plan import DEFAULT_EOF_WAIT_MS
 from .results import DispatchResult, StdinMode
@@ -207,6 +208,12 @@ def spawn_dispatch(
     )
     if isinstance(dispatch, _SessionDispatch):
         dispatch.exit_path = exit_path
+    backend = get_backend()
+    st = backend.proc_stat(popen.pid)  # our unreaped child: readable, even as a zombie
+    if st is not None:
+        dispatch.starttime = st.starttime
+        if keeper is None:
+            dispatch.lineage = Lineage.of_child(backend, popen.pid, st.starttime)
     problem = _await_keeper(dispatch, args[0])
     if problem is not None:
         return failed(problem)

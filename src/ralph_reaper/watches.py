@@ -20,6 +20,7 @@ from .backends.base import Backend, ExitStatus
 from .dispatches import REGISTRY, Dispatch
 from .exits import BOOK
 from .idle import IdleWatch
+from .lineage import Lineage
 from .logs import LogSink
 from .pins import Pin
 from .plan import DEFAULT_EOF_WAIT_MS
@@ -54,6 +55,8 @@ class Watch:
     idle: Optional[IdleWatch] = None
     #: The session the leader leads (its pid), swept for leftovers; None if none.
     sid: Optional[int] = None
+    #: Where the processes of that session can be (see :mod:`.lineage`).
+    lineage: Optional[Lineage] = None
     #: Why the package stopped it: "timeout", "idle", "terminate", "close", "signal".
     reason: Optional[str] = None
     next_progress: float = 0.0
@@ -189,6 +192,10 @@ def _adopt(w: Watch, dispatch: Optional[Dispatch], timeout_s: float, idle_s: flo
     st = None if w.leader is None else w.backend.proc_stat(w.pid)
     if w.leader is None or (st is not None and st.session == w.pid):
         w.sid = w.pid  # a reaped leader's session keeps its id while it has members
+        if dispatch is not None and dispatch.lineage is not None:
+            w.lineage = dispatch.lineage
+        elif w.leader is not None:
+            w.lineage = Lineage.record(w.backend, w.pid)
     if w.leader is not None and idle_s > 0:
         if dispatch is None:
             w.idle = IdleWatch(w.backend, w.pid, w.pid)

@@ -1,0 +1,187 @@
+"""The search of a session where its processes can be finds exactly what a read of every
+process finds, on every tree shape, with thousands of unrelated processes beside it.
+
+The unrelated processes are the test process's own children (a crowd in a
+session of its own), started before the dispatch and after it: the one kind is
+skipped by its start time, the other is walked and rejected, and, when the
+crowd is named as another dispatch of ours, left out unwalked. The test process
+is a child subreaper (conftest.py), so what a shape orphans comes back to it,
+an ancestor of the leader, where the search must look.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from procs import wait_until
+from ralph_reaper.backends import get as get_backend
+from ralph_reaper.containment import Members, sessions_in_use
+from ralph_reaper.lineage import Lineage, full_scan_members
+from ralph_reaper.pins import Pin
+from shapes import SHAPES, WAIT_S, Lines, Shape
+
+pytestmark = pytest.mark.timeout(300)
+
+#: Unrelated processes born before every dispatch of the module (skipped by start time).
+OLD_CROWD = 2000
+#: Unrelated processes born after each dispatch (walked, and rejected or left out).
+NEW_CROWD = 300
+
+_CROWD = r"""
+import os, signal, sys
+n = int(sys.argv[1])
+for _ in range(n):
+    if os.fork() == 0:
+        signal.pause()
+        os._exit(0)
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+class Crowd:
+    """A process with ``n`` idle children, in a session of its own."""
+
+    def __init__(self, n: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CROWD, str(n)],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == b"ready\n"
+
+    def close(self) -> None:
+        # Its group holds it and its children alone (nothing in it calls setsid).
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        # Its children were reparented to us (a subreaper) before it became a zombie.
+        while True:
+            try:
+                os.waitpid(-self.proc.pid, 0)
+            except ChildProcessError:
+                break
+
+
+@pytest.fixture(scope="module")
+def old_crowd() -> Iterator[Crowd]:
+    """Set up before each test's leftover check, so it is not counted as a leftover."""
+    crowd = Crowd(OLD_CROWD)
+    try:
+        yield crowd
+    finally:
+        crowd.close()
+
+
+@pytest.fixture
+def crowds(old_crowd: Crowd) -> Iterator[list[Crowd]]:
+    made: list[Crowd] = []
+    try:
+        yield made
+    finally:
+        for crowd in made:
+            crowd.close()
+
+
+def _same(lineage: Lineage, sid: int, **kwargs: object) -> None:
+    """The search and the full read agree (read again while the tree still moves)."""
+    backend = get_backend()
+    searched: set[int] = set()
+    scanned: set[int] = {-1}
+    for _ in range(50):
+        scanned = set(full_scan_members(backend, sid))
+        searched = set(lineage.members(backend, sid, **kwargs))  # type: ignore[arg-type]
+        if searched == scanned and scanned == set(full_scan_members(backend, sid)):
+            return
+    assert searched == scanned, f"search {sorted(searched)} != scan {sorted(scanned)}"
+
+
+def _kill_all(members: Members) -> None:
+    """SIGKILL every member, again until none is left, and reap the ones that are ours."""
+    for _ in range(20):
+        members.discover()
+        live = members.live()
+        for p in live:
+            p.signal(signal.SIGKILL)
+        wait_until(lambda: not members.live(), timeout=WAIT_S)
+        for p in members.pins.values():
+            if p.exited():
+                p.collect()
+                p.reap_if_child()
+        members.reap_zombie_children()
+        if not live:
+            break
+    members.close()
+
+
+SESSION_SHAPES = [s for s in SHAPES if not s.detached]
+
+
+@pytest.mark.parametrize("shape", SESSION_SHAPES, ids=repr)
+def test_the_search_finds_what_the_scan_finds(
+    backend: str, shape: Shape, crowds: list[Crowd]
+) -> None:
+    read_fd, write_fd = os.pipe()
+    leader = subprocess.Popen(
+        shape.cmd,
+        stdout=write_fd,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=shape.env,
+    )
+    os.close(write_fd)
+    pin = Pin.open(get_backend(), leader.pid)
+    assert pin is not None
+    members = Members(get_backend(), pin, "session")
+    try:
+        lineage = Lineage.record(get_backend(), leader.pid)
+        assert lineage is not None and lineage.ancestors[0][0] == os.getpid()
+        crowds.append(Crowd(NEW_CROWD))  # born after it, child of an ancestor: walked
+        lines = Lines(read_fd)
+        for _ in range(shape.npids):
+            assert lines.readline(WAIT_S) is not None
+        sid = leader.pid
+        _same(lineage, sid)
+        crowd = crowds[-1].proc.pid
+        _same(lineage, sid, others=lambda pid, _start: pid == crowd)
+        members.discover()
+        assert set(members.pins) >= set(full_scan_members(get_backend(), sid))
+        # The leader dies: its children are orphaned, to this process (a subreaper).
+        pin.signal(signal.SIGKILL)
+        assert wait_until(lambda: pin.exited(), timeout=WAIT_S)
+        _same(lineage, sid)
+        pin.collect()
+        pin.reap_if_child()
+        leader.returncode = -9  # reaped through the pin
+        _same(lineage, sid)
+        busy = sessions_in_use(get_backend(), {sid: lineage})
+        assert busy == ({sid} if full_scan_members(get_backend(), sid) else set())
+    finally:
+        _kill_all(members)
+        leader.returncode = leader.returncode or -9  # reaped through its pin
+        os.close(read_fd)
+
+
+def test_a_search_without_lineage_falls_back_to_the_scan(backend: str) -> None:
+    """A session whose leader is gone and whose ancestry was never recorded: read whole."""
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 30 & echo $!"], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert leader.stdout is not None
+    child = int(leader.stdout.readline())
+    leader.wait()
+    leader.stdout.close()
+    members = Members(get_backend(), None, "session", session=leader.pid)
+    try:
+        assert members.lineage is None
+        assert members.discover() == 1 and set(members.pins) == {child}
+    finally:
+        _kill_all(members)
