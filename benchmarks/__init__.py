@@ -7,5 +7,5 @@ Run from the repository root::
 ``stamp.c`` is the exec'd child that stamps its exit time, ``floor.c`` the C
 program that measures the machine's physical limit, ``baselines.py`` what we
 compare with (the seed's polling module, the standard library, psutil),
-``scenarios.py`` scenarios S1-S6, ``run.py`` the command.
+``scenarios.py`` scenarios S1-S8, ``run.py`` the command.
 """

@@ -4,7 +4,7 @@
 
 From the repository root (``src`` is put on the path when the package is not
 installed). Builds the C helpers (stamp, floor) with the system compiler into
-a temporary directory, runs S1-S6, prints one table per scenario with the
+a temporary directory, runs S1-S8, prints one table per scenario with the
 targets met or missed, and writes the report atomically to ``--out``.
 ``--quick`` runs small sizes and few repetitions (a smoke test; its numbers
 mean little); the full run takes several minutes and wants a quiet machine.
@@ -99,13 +99,13 @@ def tasks_in_use() -> int:
         return sum(1 for name in os.listdir("/proc") if name.isdigit())
 
 
-def build(build_dir: Path) -> tuple[str, str, str]:
-    """Compile stamp and floor; return their paths and the compiler's name."""
+def build(build_dir: Path) -> tuple[str, str, str, str]:
+    """Compile stamp, floor and crowd; return their paths and the compiler's name."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc) found: the benchmarks need one for their helpers")
     out = []
-    for name in ("stamp", "floor"):
+    for name in ("stamp", "floor", "crowd"):
         exe = build_dir / name
         cmd = [cc, *CFLAGS, "-o", str(exe), str(HERE / f"{name}.c")]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -113,7 +113,7 @@ def build(build_dir: Path) -> tuple[str, str, str]:
             raise RuntimeError(f"building {name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
         out.append(str(exe))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
-    return out[0], out[1], (version.stdout.splitlines() or [cc])[0]
+    return out[0], out[1], out[2], (version.stdout.splitlines() or [cc])[0]
 
 
 def fit_sizes(params: Params, notes: list[str]) -> None:
@@ -130,6 +130,10 @@ def fit_sizes(params: Params, notes: list[str]) -> None:
     if sizes != params.s2_sizes:
         notes.append(f"S2 sizes reduced to {sizes} to fit pid_max={pid_max}")
         params.s2_sizes = sizes
+    crowds = tuple(min(n, room) for n in params.s7_sizes)
+    if crowds != params.s7_sizes:
+        notes.append(f"S7 sizes reduced to {crowds} to fit pid_max={pid_max}")
+        params.s7_sizes = crowds
 
 
 # --- report ----------------------------------------------------------------------------
@@ -285,7 +289,7 @@ def _on_signal(signum: int, _frame: Optional[FrameType]) -> None:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
-        description="ralph-reaper benchmarks: scenarios S1-S6 of design section 7",
+        description="ralph-reaper benchmarks: scenarios S1-S8 of design section 7",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few runs (smoke test)")
     parser.add_argument(
@@ -351,9 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     build_dir = Path(tempfile.mkdtemp(prefix="ralph-bench-build-"))
     status = 0
     try:
-        stamp, floor, compiler = build(build_dir)
+        stamp, floor, crowd, compiler = build(build_dir)
         info.append(("C compiler", compiler))
-        bench = Bench(params, wanted, stamp, floor, log)
+        bench = Bench(params, wanted, stamp, floor, log, crowd)
         info.insert(7, ("keeper (spawn_dispatch)", "yes" if bench.keeper else "no"))
         for key, fn in SCENARIOS:
             if key not in only:
