@@ -22,7 +22,7 @@ import pytest
 from procs import wait_until
 from ralph_reaper.backends import get as get_backend
 from ralph_reaper.containment import Members, sessions_in_use
-from ralph_reaper.lineage import Lineage, full_scan_members
+from ralph_reaper.lineage import Lineage, Walk, full_scan_members, sharing
 from ralph_reaper.pins import Pin
 from shapes import SHAPES, WAIT_S, Lines, Shape
 
@@ -125,10 +125,9 @@ def _kill_all(members: Members) -> None:
 SESSION_SHAPES = [s for s in SHAPES if not s.detached]
 
 
-@pytest.mark.parametrize("shape", SESSION_SHAPES, ids=repr)
-def test_the_search_finds_what_the_scan_finds(
-    backend: str, shape: Shape, crowds: list[Crowd]
-) -> None:
+def _start(shape: Shape) -> tuple[subprocess.Popen[bytes], Pin, int]:
+    """The shape's leader in a session of its own, pinned; and the read end of the
+    pipe its processes announce themselves on."""
     read_fd, write_fd = os.pipe()
     leader = subprocess.Popen(
         shape.cmd,
@@ -140,6 +139,14 @@ def test_the_search_finds_what_the_scan_finds(
     os.close(write_fd)
     pin = Pin.open(get_backend(), leader.pid)
     assert pin is not None
+    return leader, pin, read_fd
+
+
+@pytest.mark.parametrize("shape", SESSION_SHAPES, ids=repr)
+def test_the_search_finds_what_the_scan_finds(
+    backend: str, shape: Shape, crowds: list[Crowd]
+) -> None:
+    leader, pin, read_fd = _start(shape)
     members = Members(get_backend(), pin, "session")
     try:
         lineage = Lineage.record(get_backend(), leader.pid)
@@ -185,3 +192,67 @@ def test_a_search_without_lineage_falls_back_to_the_scan(backend: str) -> None:
         assert members.discover() == 1 and set(members.pins) == {child}
     finally:
         _kill_all(members)
+
+
+def test_one_walk_for_several_sessions_finds_what_the_scan_finds(
+    backend: str, crowds: list[Crowd]
+) -> None:
+    """Searches made together share one walk of the union of their regions
+    (timeouts that fall at once): each session gets exactly its own processes."""
+    shapes = SESSION_SHAPES[:6]
+    started: list[tuple[subprocess.Popen[bytes], Members, int]] = []
+    try:
+        for shape in shapes:
+            leader, pin, read_fd = _start(shape)
+            started.append((leader, Members(get_backend(), pin, "session"), read_fd))
+            lines = Lines(read_fd)
+            for _ in range(shape.npids):
+                assert lines.readline(WAIT_S) is not None
+        crowds.append(Crowd(NEW_CROWD))  # born after them all, beside them
+        lineages = [m.lineage for _, m, _ in started]
+        assert all(lineage is not None for lineage in lineages)
+        for _ in range(50):  # read again while a tree still moves
+            walk = Walk([lineage for lineage in lineages if lineage is not None])
+            scans = [set(full_scan_members(get_backend(), p.pid)) for p, _, _ in started]
+            walked = [set(walk.session(get_backend(), p.pid)) for p, _, _ in started]
+            rescans = [set(full_scan_members(get_backend(), p.pid)) for p, _, _ in started]
+            if scans == walked == rescans:
+                break
+        assert walked == scans
+        sids = {p.pid: m.lineage for p, m, _ in started}
+        expected = {p.pid for p, _, _ in started if full_scan_members(get_backend(), p.pid)}
+        assert sessions_in_use(get_backend(), sids) == expected
+    finally:
+        for leader, members, read_fd in started:
+            _kill_all(members)
+            leader.returncode = leader.returncode or -9  # reaped through its pin
+            os.close(read_fd)
+
+
+def test_a_shared_walk_that_saw_a_member_alive_is_not_believed_empty(backend: str) -> None:
+    """The walk saw the leader alive; the leader then forks and exits. Through the
+    walk its child is unseen, so "nothing is left" must come from a fresh search."""
+    leader = subprocess.Popen(
+        ["sh", "-c", "read go; sleep 30 & echo $!"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert leader.stdin is not None and leader.stdout is not None
+    pin = Pin.open(get_backend(), leader.pid)
+    assert pin is not None
+    members = Members(get_backend(), pin, "session")
+    try:
+        assert members.lineage is not None
+        with sharing(Walk([members.lineage])):
+            members.discover()  # the walk is taken: the leader alone, alive
+            leader.stdin.write(b"go\n")
+            leader.stdin.close()
+            child = int(leader.stdout.readline())
+            assert wait_until(lambda: pin.exited(), timeout=WAIT_S)
+            live = members.discover_live()
+        assert [p.pid for p in live] == [child]
+    finally:
+        _kill_all(members)
+        leader.returncode = leader.returncode or -9  # reaped through its pin
+        leader.stdout.close()

@@ -19,7 +19,7 @@ from typing import Optional
 
 from .backends.base import Backend, ProcStat
 from .backends.procfs import children_of
-from .lineage import Lineage, full_scan_members
+from .lineage import Lineage, Walk, full_scan_members
 from .pins import Pin
 from .validation import is_ancestor
 
@@ -78,8 +78,10 @@ class Members:
         self.lineage = lineage if lineage is not None and lineage.leader == self.session else None
         self.others = others
 
-    def discover(self) -> int:
+    def discover(self, fresh: bool = False) -> int:
         """Pin members not yet pinned; return how many were added.
+
+        ``fresh``: search the session anew even inside :func:`.lineage.sharing`.
 
         The tree is walked only from pins that are still alive: the pid of a
         member that exited (and that its own parent reaped) may already belong
@@ -98,19 +100,35 @@ class Members:
                 accepted.add(pid)
                 added += self._pin(pid, st)
         if self.session is not None:
-            for pid in self.session_members():
+            for pid in self.session_members(fresh):
                 st = self._candidate(pid)
                 if st is not None and st.session == self.session:
                     added += self._pin(pid, st)
         return added
 
-    def session_members(self) -> list[int]:
+    def discover_live(self) -> list[Pin]:
+        """Discover, then the live members. Through a walk shared with other searches
+        that saw a member alive, "none is left" is not believed: the session is
+        searched again afresh (see :class:`.lineage.Walk`)."""
+        self.discover()
+        live = self.live()
+        if (
+            not live
+            and self.lineage is not None
+            and self.session is not None
+            and self.lineage.shared_may_be_stale(self.session)
+        ):
+            self.discover(fresh=True)
+            live = self.live()
+        return live
+
+    def session_members(self, fresh: bool = False) -> list[int]:
         """The session's processes not pinned yet: searched where they can be, or,
         without a lineage, read from every process."""
         assert self.session is not None
         if self.lineage is not None:
             return self.lineage.members(
-                self.backend, self.session, skip=self.pins, others=self.others
+                self.backend, self.session, skip=self.pins, others=self.others, fresh=fresh
             )
         # Our own children too: as a subreaper this process inherits every
         # orphan of the session, and its small children file is read whole,
@@ -154,7 +172,10 @@ class Members:
         from .backends.polling import wait4_nohang
 
         reaped = 0
-        for pid in children_of(os.getpid()):
+        children = children_of(os.getpid())
+        if self.lineage is not None:  # born before the leader: none of its session
+            children = self.lineage.born_since(self.backend, children)
+        for pid in children:
             st = self.backend.proc_stat(pid)
             if st is None or st.session != self.session or not st.ended:
                 continue
@@ -221,22 +242,33 @@ def sessions_in_use(
     backend: Backend,
     wanted: Mapping[int, Optional[Lineage]],
     others: Optional[Callable[[int, int], bool]] = None,
+    walk: Optional[Walk] = None,
 ) -> set[int]:
     """Which sessions of ``wanted`` still have a process (zombies count: they may need
     reaping).
 
-    A session with its lineage: searched where its processes can be. Without:
-    one session, the backend's own scan; several, one pass over ``/proc`` for
-    all, so that N exits drained together cost one scan, not N.
+    Sessions with their lineage: searched where their processes can be, one
+    on its own, several in one :class:`.lineage.Walk` taken now (``walk``,
+    when given, must be new: an answer "empty" from an old one could be
+    stale). Without: one session, the backend's own scan; several, one pass
+    over ``/proc`` for all, so that N exits drained together cost one scan, not N.
     """
-    found = {
-        sid
+    lineages = {
+        sid: lineage
         for sid, lineage in wanted.items()
-        if lineage is not None
-        and lineage.leader == sid
-        and lineage.members(backend, sid, others=others, stop_at_first=True)
+        if lineage is not None and lineage.leader == sid
     }
-    rest = {sid for sid, lineage in wanted.items() if lineage is None or lineage.leader != sid}
+    if len(lineages) > 1:
+        if walk is None:
+            walk = Walk(lineages.values())
+        found = {sid for sid in lineages if walk.session(backend, sid)}
+    else:
+        found = {
+            sid
+            for sid, lineage in lineages.items()
+            if lineage.members(backend, sid, others=others, stop_at_first=True, fresh=True)
+        }
+    rest = {sid for sid in wanted if sid not in lineages}
     return found | _scanned_in_use(backend, rest) if rest else found
 
 

@@ -148,8 +148,7 @@ class Stop:
         """Pin new members; await every live one; return how many are live."""
         if self.keeper_grace_ms is not None and self.members.containment == "pid":
             self._check_keeper()
-        self.members.discover()
-        live = self.members.live()
+        live = self.members.discover_live()
         for pin in live:
             if pin.pid not in self.awaited:
                 self.awaited[pin.pid] = pin
@@ -396,7 +395,7 @@ def dispatch_stop(
 
 def leftovers_stop(members: Members, *, grace_s: float, log: LogSink) -> Optional[Stop]:
     """The stop of what an exited leader left in its session; None when nothing is left."""
-    if not (members.discover() and members.live()):
+    if not members.discover_live():
         members.close()
         return None
     return tree_stop(members, grace_s=grace_s, log=log)

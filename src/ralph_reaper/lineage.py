@@ -29,14 +29,15 @@ fallback without a record, and the oracle the tests hold the search to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
-from .backends.base import Backend
+from .backends.base import Backend, ProcStat
 from .backends.procfs import children_of
 
 #: pids below this are not handed out again once the allocator has wrapped.
@@ -109,6 +110,36 @@ class PidClock:
                 self._starts[pid] = (start, self._last, self._epoch)
                 self._travel_at[pid] = self._travel
         return start
+
+    def born_since(
+        self, pids: Iterable[int], threshold: int, read: Callable[[int], Optional[int]]
+    ) -> list[tuple[int, int]]:
+        """``(pid, start time)`` of those of ``pids`` born at ``threshold`` or later.
+
+        :meth:`start_of` for many pids under one lock: an ancestor such as init
+        may have thousands of children, nearly all born long before.
+        """
+        known: list[tuple[int, int]] = []
+        unknown: list[int] = []
+        with self._lock:
+            starts, travel_at = self._starts, self._travel_at
+            epoch, travel, pid_max = self._epoch, self._travel, self._pid_max
+            for pid in pids:
+                entry = starts.get(pid)
+                if entry is not None and entry[2] == epoch:
+                    moved = travel - travel_at.get(pid, travel)
+                    if moved < pid_max - RESERVED_PIDS and not (
+                        0 < (pid - entry[1]) % pid_max <= moved
+                    ):  # inline _valid: this loop is the cost of a crowded ancestor
+                        if entry[0] >= threshold:
+                            known.append((pid, entry[0]))
+                        continue
+                unknown.append(pid)
+        for pid in unknown:
+            born = self.start_of(pid, read)
+            if born is not None and born >= threshold:
+                known.append((pid, born))
+        return known
 
     def _valid(self, pid: int, entry: tuple[int, int, int]) -> bool:
         _start, last_then, epoch = entry
@@ -186,6 +217,7 @@ class Lineage:
         skip: Iterable[int] = (),
         others: Optional[Callable[[int, int], bool]] = None,
         stop_at_first: bool = False,
+        fresh: bool = False,
     ) -> list[int]:
         """The processes of session ``sid`` (the leader's), found in the region alone.
 
@@ -197,51 +229,172 @@ class Lineage:
         their own ancestors, and that child is neither. With ``stop_at_first``
         the first member found is enough.
         """
-        CLOCK.tick()
-        own = os.getpid()
         skipped = set(skip)
-        found: list[int] = []
-        seen: set[int] = {pid for pid, _ in self.ancestors}
+        walk = getattr(_SHARED, "walk", None)
+        if not fresh and walk is not None and walk.covers(self):
+            found = [pid for pid in walk.session(backend, sid) if pid not in skipped]
+            return found[:1] if stop_at_first else found
+        own = os.getpid()
+        thresholds = {ancestor: self.starttime for ancestor in self.ancestors}
 
-        def start_of(pid: int) -> Optional[int]:
-            st = backend.proc_stat(pid)
-            return None if st is None else st.starttime
+        def leave_out(parent: int, child: int, born: int) -> bool:
+            return (
+                others is not None
+                and parent == own
+                and child != self.leader
+                and others(child, born)
+            )
 
-        frontier: list[int] = []
-        for pid, start in self.ancestors:
-            if start_of(pid) != start:
-                continue  # gone: its children went to an ancestor further up, recorded too
-            for child in children_of(pid):
-                if child in seen:
-                    continue
-                seen.add(child)
-                born = CLOCK.start_of(child, start_of)
-                if born is None or born < self.starttime:
-                    continue
-                if (
-                    others is not None
-                    and pid == own
-                    and child != self.leader
-                    and others(child, born)
-                ):
-                    continue
-                frontier.append(child)
-        while frontier:  # everything below is born after its parent: no start times needed
-            nxt: list[int] = []
-            for pid in frontier:
-                st = backend.proc_stat(pid)
-                if st is None:
-                    continue
-                if st.session == sid and pid not in skipped:
-                    found.append(pid)
-                    if stop_at_first:
-                        return found
-                for child in children_of(pid):
-                    if child not in seen:
-                        seen.add(child)
-                        nxt.append(child)
-            frontier = nxt
+        found = []
+        for pid, st in _walk(backend, (self,), thresholds, leave_out):
+            if st.session == sid and pid not in skipped:
+                found.append(pid)
+                if stop_at_first:
+                    break
         return found
+
+    def born_since(self, backend: Backend, pids: Iterable[int]) -> list[int]:
+        """Those of ``pids`` that may be processes of the leader's session: not those
+        born before the leader (start times read once, then cached)."""
+        CLOCK.tick()
+        return [pid for pid, _ in CLOCK.born_since(pids, self.starttime, _start_reader(backend))]
+
+    def shared_may_be_stale(self, sid: int) -> bool:
+        """Whether a search of session ``sid`` now would use a shared walk (see
+        :func:`sharing`) that saw one of its processes alive: one that may have forked
+        since, then died, leaving a child that walk never saw."""
+        walk = getattr(_SHARED, "walk", None)
+        return walk is not None and walk.covers(self) and walk.saw_alive(sid)
+
+
+def _start_reader(backend: Backend) -> Callable[[int], Optional[int]]:
+    def start_of(pid: int) -> Optional[int]:
+        st = backend.proc_stat(pid)
+        return None if st is None else st.starttime
+
+    return start_of
+
+
+def _walk(
+    backend: Backend,
+    seeds: Iterable[Lineage],
+    thresholds: dict[tuple[int, int], int],
+    leave_out: Optional[Callable[[int, int, int], bool]] = None,
+) -> Iterator[tuple[int, ProcStat]]:
+    """Every live process of a region, with its stat, parents before children.
+
+    The region: the subtrees of the children of each ancestor ``(pid, start)``
+    of ``thresholds`` born no earlier than its threshold, and the subtrees of
+    the seed lineages' leaders (in case a parent could not be recorded).
+    ``leave_out(parent, child, born)`` prunes a child's subtree.
+    """
+    CLOCK.tick()
+    start_of = _start_reader(backend)
+    seen: set[int] = {pid for pid, _ in thresholds}
+    frontier: list[int] = []
+    for seed in seeds:
+        if seed.leader not in seen and start_of(seed.leader) == seed.starttime:
+            seen.add(seed.leader)
+            frontier.append(seed.leader)
+    for (pid, start), threshold in thresholds.items():
+        if start_of(pid) != start:
+            continue  # gone: its children went to an ancestor further up, recorded too
+        for child, born in CLOCK.born_since(children_of(pid), threshold, start_of):
+            if child in seen:
+                continue
+            seen.add(child)
+            if leave_out is not None and leave_out(pid, child, born):
+                continue
+            frontier.append(child)
+    while frontier:  # everything below is born after its parent: no start times needed
+        nxt: list[int] = []
+        for pid in frontier:
+            st = backend.proc_stat(pid)
+            if st is None:
+                continue
+            yield pid, st
+            for child in children_of(pid):
+                if child not in seen:
+                    seen.add(child)
+                    nxt.append(child)
+        frontier = nxt
+
+
+class Walk:
+    """One reading of the regions of several sessions, for searches made together.
+
+    When many dispatches are searched at one moment (timeouts that fall
+    together, exits drained together), each search would walk the others'
+    trees as well (they are children of the same ancestors, and only those
+    this process started can be left out unread): N searches of N trees. A
+    walk reads the union of their regions once, on first use, and answers
+    for each session from that.
+
+    A walk tells what was there when it was taken. A session's processes are
+    forked only by its own processes, so if the walk saw none of them alive,
+    none can have appeared since, and "empty" is as true now as then. If it
+    saw one alive, that one may have forked and died since: then a stop that
+    finds nothing alive through the walk looks again afresh
+    (``Members.discover_live``).
+    """
+
+    def __init__(self, lineages: Union[Iterable[Lineage], Callable[[], Iterable[Lineage]]]) -> None:
+        """``lineages``, or a function giving them: called on first use, so that a
+        walk set up for every turn of a loop costs nothing on turns without a search."""
+        self._source = lineages
+        self._keys: Optional[set[tuple[int, int]]] = None
+        self._lineages: list[Lineage] = []
+        self._sessions: Optional[dict[int, list[int]]] = None
+        self._alive: set[int] = set()
+
+    def _load(self) -> set[tuple[int, int]]:
+        if self._keys is None:
+            source = self._source
+            self._lineages = list(source() if callable(source) else source)
+            self._keys = {(lin.leader, lin.starttime) for lin in self._lineages}
+        return self._keys
+
+    def covers(self, lineage: Lineage) -> bool:
+        return (lineage.leader, lineage.starttime) in self._load()
+
+    def session(self, backend: Backend, sid: int) -> list[int]:
+        """The processes of session ``sid`` the walk found (read on first use)."""
+        if self._sessions is None:
+            self._load()
+            thresholds: dict[tuple[int, int], int] = {}
+            for lin in self._lineages:
+                for ancestor in lin.ancestors:
+                    thresholds[ancestor] = min(
+                        thresholds.get(ancestor, lin.starttime), lin.starttime
+                    )
+            sessions: dict[int, list[int]] = {}
+            for pid, st in _walk(backend, self._lineages, thresholds):
+                sessions.setdefault(st.session, []).append(pid)
+                if not st.ended:
+                    self._alive.add(st.session)
+            self._sessions = sessions
+        return self._sessions.get(sid, [])
+
+    def saw_alive(self, sid: int) -> bool:
+        """Whether the walk, once taken, saw a process of session ``sid`` alive."""
+        return self._sessions is None or sid in self._alive
+
+
+_SHARED = threading.local()
+
+
+@contextlib.contextmanager
+def sharing(walk: Walk) -> Iterator[Walk]:
+    """Searches on this thread of the sessions ``walk`` covers use it, until the end
+    of the block (an outer block's walk stays in force)."""
+    if getattr(_SHARED, "walk", None) is not None:
+        yield _SHARED.walk
+        return
+    _SHARED.walk = walk
+    try:
+        yield walk
+    finally:
+        _SHARED.walk = None
 
 
 def full_scan_members(backend: Backend, sid: int) -> list[int]:

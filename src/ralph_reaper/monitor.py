@@ -50,6 +50,7 @@ from .containment import sessions_in_use
 from .dispatches import REGISTRY
 from .ending import collect_leader, finish, joinable, needs_sweep, stop_for, sweep_for
 from .engine import ONGOING, Stop, StopOutcome, not_running
+from .lineage import Lineage, Walk, sharing
 from .logs import resolve_logger
 from .pins import Pin
 from .plan import DEFAULT_EOF_WAIT_MS
@@ -426,8 +427,13 @@ class DispatchMonitor:
                 self._take_inbox()
             if inner:
                 self._drain_exits()
-            for fn, arg in self._timers.pop_due():
-                self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
+            due = self._timers.pop_due()
+            if due:
+                # Stops that begin or move on in one turn share one walk of their
+                # sessions' regions (timeouts that fall together: not N walks of N).
+                with sharing(Walk(self._stop_lineages)):
+                    for fn, arg in due:
+                        self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
             if self._ending:
                 self._sweep()
             if self._close_mode is not None and self._active == 0:
@@ -479,9 +485,11 @@ class DispatchMonitor:
             # Readable, yet nothing exited (a pidfd of a task that is not quite
             # gone): do not spin on the level-triggered set.
             time.sleep(0.001)
-        # Statuses of the whole batch are set before anyone looks at them.
-        for entry, pins in touched.values():
-            self._safely(entry, self._exited, entry, pins)
+        # Statuses of the whole batch are set before anyone looks at them; the
+        # stops they move on share one walk of their sessions, taken after the drain.
+        with sharing(Walk(self._stop_lineages)):
+            for entry, pins in touched.values():
+                self._safely(entry, self._exited, entry, pins)
 
     def _poll_slow(self, entry: _Entry) -> None:
         """Polling path: check pins without a pidfd, with a doubling backoff."""
@@ -585,14 +593,30 @@ class DispatchMonitor:
         }
         for entry in batch:
             collect_leader(entry.watch)
+        walk = Walk([lineage for lineage in sids.values() if lineage is not None])
         try:
-            busy = sessions_in_use(self._backend, sids, REGISTRY.started_here) if sids else set()
+            busy = (
+                sessions_in_use(self._backend, sids, REGISTRY.started_here, walk=walk)
+                if sids
+                else set()
+            )
         except Exception as exc:  # cannot tell: look at each session on its own
             self._log.warning(f"ralph-reaper: session scan failed ({exc!r})")
             busy = set(sids)
-        for entry in batch:
-            if entry.state == _ENDING:
-                self._safely(entry, self._sweep_one, entry, busy)
+        with sharing(walk):  # the sweeps' first searches: what the scan just read
+            for entry in batch:
+                if entry.state == _ENDING:
+                    self._safely(entry, self._sweep_one, entry, busy)
+
+    def _stop_lineages(self) -> list[Lineage]:
+        """The lineages of the dispatches whose stops a timer may begin or move on."""
+        with self._lock:
+            entries = list(self._entries.values())
+        return [
+            e.watch.lineage
+            for e in entries
+            if e.state in (_RUNNING, _STOPPING) and e.watch.lineage is not None
+        ]
 
     def _sweep_one(self, entry: _Entry, busy: set[int]) -> None:
         w = entry.watch
