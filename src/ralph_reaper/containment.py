@@ -19,7 +19,7 @@ from typing import Optional
 
 from .backends.base import Backend, ProcStat
 from .backends.procfs import children_of
-from .lineage import Lineage, Walk, full_scan_members
+from .lineage import Lineage, Walk, full_scan_members, note_session
 from .pins import Pin
 from .validation import is_ancestor
 
@@ -173,11 +173,14 @@ class Members:
 
         reaped = 0
         children = children_of(os.getpid())
-        if self.lineage is not None:  # born before the leader: none of its session
-            children = self.lineage.born_since(self.backend, children)
+        if self.lineage is not None:  # born before the leader, or seen elsewhere: not
+            children = self.lineage.may_be_members(self.backend, children)
         for pid in children:
             st = self.backend.proc_stat(pid)
-            if st is None or st.session != self.session or not st.ended:
+            if st is None:
+                continue
+            note_session(pid, st)
+            if st.session != self.session or not st.ended:
                 continue
             try:
                 if wait4_nohang(pid) is not None:

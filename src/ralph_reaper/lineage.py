@@ -169,6 +169,19 @@ def _ancestry(backend: Backend, pid: int, start: int, ppid: int) -> tuple[tuple[
     return tuple(chain)
 
 
+#: pid -> (start time, session) as last read: see Lineage.may_be_members.
+_SESSION_SEEN: dict[int, tuple[int, int]] = {}
+_SESSION_SEEN_MAX = 1 << 16
+
+
+def note_session(pid: int, st: ProcStat) -> None:
+    """Remember the session ``pid`` was seen in (keyed by its start time, so a later
+    process with that pid is never taken for it)."""
+    if len(_SESSION_SEEN) >= _SESSION_SEEN_MAX:
+        _SESSION_SEEN.clear()
+    _SESSION_SEEN[pid] = (st.starttime, st.session)
+
+
 _OWN: dict[int, tuple[tuple[int, int], ...]] = {}
 
 
@@ -253,11 +266,21 @@ class Lineage:
                     break
         return found
 
-    def born_since(self, backend: Backend, pids: Iterable[int]) -> list[int]:
-        """Those of ``pids`` that may be processes of the leader's session: not those
-        born before the leader (start times read once, then cached)."""
+    def may_be_members(self, backend: Backend, pids: Iterable[int]) -> list[int]:
+        """Those of ``pids`` that may be processes of the leader's session now: not
+        those born before the leader (start times read once, then cached), nor those
+        seen in another session (:func:`note_session`): a process changes session
+        only by ``setsid``, into one of its own, so once out of this one it never
+        comes back. Thousands of other dispatches' leaders cost a lookup each."""
         CLOCK.tick()
-        return [pid for pid, _ in CLOCK.born_since(pids, self.starttime, _start_reader(backend))]
+        sid = self.leader
+        out = []
+        for pid, born in CLOCK.born_since(pids, self.starttime, _start_reader(backend)):
+            seen = _SESSION_SEEN.get(pid)
+            if seen is not None and seen[0] == born and seen[1] != sid and pid != sid:
+                continue
+            out.append(pid)
+        return out
 
     def shared_may_be_stale(self, sid: int) -> bool:
         """Whether a search of session ``sid`` now would use a shared walk (see

@@ -427,13 +427,10 @@ class DispatchMonitor:
                 self._take_inbox()
             if inner:
                 self._drain_exits()
-            due = self._timers.pop_due()
-            if due:
-                # Stops that begin or move on in one turn share one walk of their
-                # sessions' regions (timeouts that fall together: not N walks of N).
-                with sharing(Walk(self._stop_lineages)):
-                    for fn, arg in due:
-                        self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
+            # Stops that begin or move on in one turn share one walk of their
+            # sessions' regions (timeouts that fall together: not N walks of N).
+            with sharing(Walk(self._stop_lineages)):
+                self._timers.run_due(self._run_timer)
             if self._ending:
                 self._sweep()
             if self._close_mode is not None and self._active == 0:
@@ -490,6 +487,9 @@ class DispatchMonitor:
         with sharing(Walk(self._stop_lineages)):
             for entry, pins in touched.values():
                 self._safely(entry, self._exited, entry, pins)
+
+    def _run_timer(self, fn: Callable[[Any], None], arg: Any) -> None:
+        self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
 
     def _poll_slow(self, entry: _Entry) -> None:
         """Polling path: check pins without a pidfd, with a doubling backoff."""

@@ -48,11 +48,12 @@ class TimerHeap:
             self._stale -= 1
         return heap[0][0] if heap else None
 
-    def pop_due(self) -> list[tuple[Callable[[Any], None], Any]]:
-        """Take every timer due now, in order."""
+    def run_due(self, run: Callable[[Callable[[Any], None], Any], None]) -> None:
+        """Run the timers due now, in order, through ``run(fn, arg)``. Each is taken
+        out just before it runs, so that one cancelled by an earlier one never runs
+        (a stale deadline would escalate a stop early)."""
         heap = self._heap
         now = time.monotonic()
-        due: list[tuple[Callable[[Any], None], Any]] = []
         while heap and heap[0][0] <= now:
             entry = heapq.heappop(heap)
             fn, arg = entry[2], entry[3]
@@ -60,5 +61,4 @@ class TimerHeap:
                 self._stale -= 1
                 continue
             entry[2] = entry[3] = None
-            due.append((fn, arg))
-        return due
+            run(fn, arg)
