@@ -25,8 +25,11 @@ epoll set and its deadline into the same timer heap, so any number of stops
 (keeper stops too: a message on the keeper's control pipe, then its pidfd)
 run at once, interleaved with exit detection of every other dispatch.
 Without pidfds (the polling backend) or for a pin without one (out of file
-descriptors) the timer heap checks the process with a backoff from 0.1 ms
-doubling to 50 ms.
+descriptors) one timer of the heap checks every such pin of the monitor
+together (:class:`~ralph_reaper.polled.Polled`): a single ``waitid`` peek says
+whether any of our children exited, so ten thousand idle dispatches cost one
+syscall a round, not ten thousand ``/proc`` reads; pins that are not our
+children have a backoff of their own.
 
 Futures are completed on the monitor thread: done-callbacks run there and must
 not block (``asyncio.wrap_future`` and the waiting helpers here do not).
@@ -54,9 +57,9 @@ from .lineage import Lineage, Walk, sharing
 from .logs import resolve_logger
 from .pins import Pin
 from .plan import DEFAULT_EOF_WAIT_MS
+from .polled import Polled
 from .results import DispatchCompletionResult
 from .timers import Timer, TimerHeap
-from .waiting import FIRST_STEP_S, MAX_STEP_S
 from .watches import PROGRESS_EVERY_S, Watch, prepare
 
 if TYPE_CHECKING:
@@ -88,7 +91,6 @@ class _Entry:
         "ongoing",
         "slow",
         "state",
-        "step",
         "stop",
         "stop_timer",
         "sweeping",
@@ -107,9 +109,8 @@ class _Entry:
         self.ongoing: Optional[cf.Future[StopOutcome]] = None
         #: epoll tokens of this entry's pins (the leader's while running, else the stop's).
         self.tokens: dict[int, Pin] = {}
-        #: Pins without a pidfd, checked by the polling timer.
+        #: Pins without a pidfd, in the monitor's polled set.
         self.slow: list[Pin] = []
-        self.step = FIRST_STEP_S
         self.wake_timer: Optional[Timer] = None
         self.stop_timer: Optional[Timer] = None
 
@@ -154,6 +155,9 @@ class DispatchMonitor:
         self._futures: weakref.WeakSet[cf.Future[DispatchCompletionResult]] = weakref.WeakSet()
         # Owned by the monitor thread:
         self._timers = TimerHeap()
+        #: Every pin without a pidfd, behind one timer: the next check of any.
+        self._polled: Polled[_Entry] = Polled()
+        self._poll_timer: Optional[Timer] = None
         self._tokens: dict[int, _Entry] = {}
         self._next_token = 1
         self._ending: list[_Entry] = []
@@ -391,9 +395,8 @@ class DispatchMonitor:
                 entry.tokens[token] = pin
                 return
         entry.slow.append(pin)
-        if len(entry.slow) == 1:
-            entry.step = FIRST_STEP_S
-            self._timers.schedule(time.monotonic() + entry.step, self._poll_slow, entry)
+        self._polled.add(pin, entry, time.monotonic())
+        self._arm_poll()
 
     def _unregister_all(self, entry: _Entry) -> None:
         for token, pin in entry.tokens.items():
@@ -402,6 +405,8 @@ class DispatchMonitor:
                 with contextlib.suppress(OSError):
                     self._epset.remove(pin.fd)
         entry.tokens.clear()
+        for pin in entry.slow:
+            self._polled.discard(pin)
         entry.slow.clear()
 
     # ------------------------------------------------------------------ the thread
@@ -491,20 +496,39 @@ class DispatchMonitor:
     def _run_timer(self, fn: Callable[[Any], None], arg: Any) -> None:
         self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
 
-    def _poll_slow(self, entry: _Entry) -> None:
-        """Polling path: check pins without a pidfd, with a doubling backoff."""
-        if entry.state == _DONE or not entry.slow:
-            return
-        gone = [p for p in entry.slow if p.status is not None or p.exited()]
-        for pin in gone:
-            if pin.status is None:
-                pin.collect()
-        entry.slow = [p for p in entry.slow if p not in gone]
-        if entry.slow:
-            entry.step = min(entry.step * 2, MAX_STEP_S)
-            self._timers.schedule(time.monotonic() + entry.step, self._poll_slow, entry)
-        if gone:
-            self._exited(entry, gone)
+    def _arm_poll(self) -> None:
+        """Keep the one polling timer at the polled set's next due check (or earlier)."""
+        due = self._polled.next_due()
+        timer = self._poll_timer
+        if timer is not None and timer[2] is not None:
+            if due is None or timer[0] <= due:
+                return  # early is harmless: it checks nothing and re-arms
+            self._timers.cancel(timer)
+        self._poll_timer = None if due is None else self._timers.schedule(due, self._poll, None)
+
+    def _poll(self, _arg: Any) -> None:
+        """Polling path: the due checks of every pin without a pidfd, in one round.
+
+        Exited pins come back collected; each entry then hears of its own, as
+        from its own timer before, and a pin whose check raised fails its
+        entry alone.
+        """
+        self._poll_timer = None
+        try:
+            found, failed = self._polled.check(time.monotonic(), collect=True)
+            for entry, _pin, exc in failed:
+                if entry.state != _DONE:
+                    self._fail(entry, exc)
+            gone: dict[int, tuple[_Entry, list[Pin]]] = {}
+            for entry, pin in found:
+                gone.setdefault(id(entry), (entry, []))[1].append(pin)
+            for entry, pins in gone.values():
+                ids = {id(p) for p in pins}
+                entry.slow = [p for p in entry.slow if id(p) not in ids]
+                if entry.state != _DONE:
+                    self._safely(entry, self._exited, entry, pins)
+        finally:
+            self._arm_poll()
 
     # ------------------------------------------------------------------ watches
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import resource
@@ -66,6 +67,9 @@ class _Reaped:
         self._in_flight: dict[int, int] = {}
         #: Readers now waiting for a reap in progress (seen by tests).
         self.readers_waiting = 0
+        #: Reaps noted so far: a poller that keeps the count it last saw asks
+        #: :meth:`noted_since` which pids to look at, instead of every pin.
+        self.notes = 0
 
     @contextlib.contextmanager
     def reaping(self, pin: Pin) -> Iterator[None]:
@@ -89,6 +93,17 @@ class _Reaped:
             self._by_pid.move_to_end(pin.pid)
             while len(self._by_pid) > self.MAX:
                 self._by_pid.popitem(last=False)
+            self.notes += 1
+
+    def noted_since(self, notes: int) -> tuple[int, list[int]]:
+        """The count of notes now and the pids noted after the count ``notes`` (newest first).
+
+        A pid noted twice is listed once, so the list may reach back past
+        ``notes``: a caller looks at a few pins too many, never too few.
+        """
+        with self._cond:
+            count = min(self.notes - notes, len(self._by_pid))
+            return self.notes, list(itertools.islice(reversed(self._by_pid), max(0, count)))
 
     def get(self, pin: Pin) -> Optional[ExitStatus]:
         with self._cond:

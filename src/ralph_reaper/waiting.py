@@ -1,9 +1,11 @@
-"""Waiting for pinned processes to exit: event-driven on pidfds, backoff otherwise.
+"""Waiting for pinned processes to exit: event-driven on pidfds, polled otherwise.
 
 Pins with a pidfd are waited on by the kernel (poll or an epoll set), so a wait
 returns as soon as the exit happens. Pins without one (polling backend, or
-degraded after EMFILE) are checked with a backoff from 0.1 ms doubling to a
-cap, so short-lived processes are still noticed quickly without spinning.
+degraded after EMFILE) are checked through :class:`~ralph_reaper.polled.Polled`:
+one ``waitid`` peek for those that are our children, a backoff of their own for
+the others, each from 0.1 ms doubling to a cap, so short-lived processes are
+still noticed quickly without spinning.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Optional
 
 from .backends.base import ExitStatus
 from .pins import Pin
+from .polled import FIRST_STEP_S, MAX_STEP_S, Polled
 
-FIRST_STEP_S = 0.0001
-MAX_STEP_S = 0.05
+__all__ = ["FIRST_STEP_S", "MAX_STEP_S", "poll_step_cap", "wait_all", "wait_any"]
 
 
 def poll_step_cap(poll_interval_ms: object) -> float:
@@ -35,26 +37,47 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def _polled(pins: Sequence[Pin], max_step_s: float) -> Polled[None]:
+    polled: Polled[None] = Polled(max_step_s)
+    now = time.monotonic()
+    for pin in pins:
+        if pin.fd < 0 and pin.status is None:
+            polled.add(pin, None, now)
+    return polled
+
+
+def _sleep_s(polled: Polled[None], remaining: Optional[float]) -> Optional[float]:
+    """How long to block: until the deadline, or the next polled check if sooner."""
+    due = polled.next_due()
+    if due is None:
+        return remaining
+    step = max(0.0, due - time.monotonic())
+    return step if remaining is None else min(step, remaining)
+
+
 def wait_any(
     pins: Sequence[Pin], timeout_s: Optional[float], max_step_s: float = MAX_STEP_S
 ) -> list[Pin]:
-    """Wait until at least one pin has exited or the timeout passes; return the exited."""
+    """Wait until at least one pin has exited or the timeout passes; return the exited.
+
+    Exited pins are not collected: the caller reaps (or not) as it sees fit.
+    """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    step = FIRST_STEP_S
+    polled = _polled(pins, max_step_s)
     while True:
+        remaining = _remaining(deadline)
+        last = remaining is not None and remaining <= 0.0
+        found, failed = polled.check(time.monotonic(), collect=False, last=last)
+        if failed:
+            raise failed[0][2]
         done = [p for p in pins if p.status is not None]
-        fd_pins = {p.fd: p for p in pins if p.fd >= 0 and p.status is None}
-        slow = [p for p in pins if p.fd < 0 and p.status is None]
-        done.extend(p for p in slow if p.exited())
+        done.extend(p for _owner, p in found if p.status is None)
         if done:
             return done
-        remaining = _remaining(deadline)
-        if remaining is not None and remaining <= 0.0:
+        if last:
             return []
-        wait_s = remaining
-        if slow:
-            wait_s = step if remaining is None else min(step, remaining)
-            step = min(step * 2, max_step_s)
+        fd_pins = {p.fd: p for p in pins if p.fd >= 0 and p.status is None}
+        wait_s = _sleep_s(polled, _remaining(deadline))
         if fd_pins:
             backend = next(iter(fd_pins.values())).backend
             ready = backend.wait_readable(list(fd_pins), wait_s)
@@ -73,37 +96,35 @@ def wait_all(
 
     Pins with a pidfd go into one epoll set, so the cost is one event per exit
     whatever the number of pins; exited children are reaped as they are
-    reported (their statuses land in ``Pin.status``).
+    reported (their statuses land in ``Pin.status``). Polled pins are only
+    found exited, as before: their caller collects them.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     by_token: dict[int, Pin] = {}
-    slow: list[Pin] = []
     for pin in pins:
-        if pin.status is not None:
-            continue
-        if pin.fd >= 0:
+        if pin.status is None and pin.fd >= 0:
             by_token[len(by_token)] = pin
-        else:
-            slow.append(pin)
+    polled = _polled(pins, max_step_s)
     epset = None
     if by_token:
         backend = next(iter(by_token.values())).backend
         epset = backend.epoll_set()
         for token, pin in by_token.items():
             epset.add(pin.fd, token)
-    step = FIRST_STEP_S
     try:
         while True:
-            slow = [p for p in slow if not p.exited()]
-            if not by_token and not slow:
-                return []
             remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0.0:
-                return list(by_token.values()) + slow
-            wait_s = remaining
-            if slow:
-                wait_s = step if remaining is None else min(step, remaining)
-                step = min(step * 2, max_step_s)
+            last = remaining is not None and remaining <= 0.0
+            # Not collected: a stop reaps its leader only at the end, since the
+            # unreaped leader is what keeps its process group safe to signal.
+            _found, failed = polled.check(time.monotonic(), collect=False, last=last)
+            if failed:
+                raise failed[0][2]
+            if not by_token and not len(polled):
+                return []
+            if last:
+                return list(by_token.values()) + polled.pins()
+            wait_s = _sleep_s(polled, _remaining(deadline))
             if epset is not None and by_token:
                 for event in epset.drain(wait_s, 1024):
                     pin = by_token.pop(event.token)

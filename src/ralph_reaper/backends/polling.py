@@ -1,10 +1,10 @@
 """The backend for kernels or sandboxes without pidfds.
 
-Exits are found by ``waitpid(WNOHANG)`` and ``/proc`` with a backoff (see
-:mod:`ralph_reaper.waiting`); a pid is signalled only after checking that the
-process start time still matches the one pinned, which narrows pid-reuse races
-to the few microseconds between that check and ``kill`` (without pidfds the
-kernel offers nothing tighter).
+Exits are found by a ``waitid(WNOWAIT)`` peek at our children, ``waitpid(WNOHANG)``
+and ``/proc``, with a backoff (see :mod:`ralph_reaper.polled`); a pid is
+signalled only after checking that the process start time still matches the
+one pinned, which narrows pid-reuse races to the few microseconds between that
+check and ``kill`` (without pidfds the kernel offers nothing tighter).
 """
 
 from __future__ import annotations
@@ -64,3 +64,42 @@ def wait4_nohang(pid: int) -> Optional[ExitStatus]:
     if got == 0:
         return None
     return ExitStatus(status, Rusage(ru.ru_utime, ru.ru_stime, int(ru.ru_maxrss)))
+
+
+#: Look at exits without reaping: the zombie stays for whoever reaps it.
+_PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT
+
+
+def exited_child() -> Optional[int]:
+    """The pid of a child of this process that has exited, left unreaped; None: none has.
+
+    One call covers every child (of every thread), which is what lets polled
+    pins skip their ``/proc`` reads; the kernel walks its list of our children
+    for it and returns the first zombie there, the same one each time until
+    someone reaps it. Raises ``ChildProcessError`` when there is no child at all.
+    """
+    while True:
+        try:
+            got = os.waitid(os.P_ALL, 0, _PEEK)
+        except InterruptedError:
+            continue
+        return None if got is None else got.si_pid
+
+
+def child_state(pid: int) -> Optional[bool]:
+    """For an unreaped child ``pid`` of ours: True once it has exited, else False.
+
+    None when ``pid`` is no child of ours (or no longer: it was reaped). While
+    a child stays unreaped its pid cannot pass to another process, so False
+    from two calls in a row means the same child ran all along, unless it was
+    reaped and its pid reused by a new child of ours in between. One syscall,
+    no file: far cheaper than reading ``/proc/<pid>/stat``.
+    """
+    while True:
+        try:
+            got = os.waitid(os.P_PID, pid, _PEEK)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return None
+        return got is not None
