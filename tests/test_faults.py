@@ -144,10 +144,22 @@ def test_another_thread_reaping_every_child(backend: str, kids: procs.Kids) -> N
     _assert_code_or_unknown(backend, result_box[0], 9)
 
 
+def _holds_pidfd_of(pid: int) -> bool:
+    """Whether this process holds a pidfd of ``pid`` (its fdinfo names the pid)."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                if f"Pid:\t{pid}\n" in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def test_subprocess_cleanup_reaping_the_dispatch_first(backend: str) -> None:
     if backend != "polling" and not _exit_info_kernel():
         pytest.skip("needs PIDFD_INFO_EXIT (Linux >= 6.15) to know an exit reaped elsewhere")
-    proc = subprocess.Popen(["/bin/sh", "-c", "sleep 0.2; exit 12"], start_new_session=True)
+    proc = subprocess.Popen(["/bin/sh", "-c", "sleep 0.5; exit 12"], start_new_session=True)
     pid = proc.pid
     del proc
     gc.collect()  # the Popen object is gone: subprocess keeps the pid in _active
@@ -157,6 +169,8 @@ def test_subprocess_cleanup_reaping_the_dispatch_first(backend: str) -> None:
         target=lambda: result_box.append(wait_for_dispatch_completion(_dispatch(pid), "pt-1"))
     )
     waiter.start()
+    if backend != "polling":  # the wait has pinned it before anyone may reap it
+        assert procs.wait_until(lambda: _holds_pidfd_of(pid), timeout=30)
     procs.wait_until(lambda: procs.state(pid) in ("Z", None))
     # Any later Popen runs subprocess._cleanup, which reaps finished _active children.
     subprocess.run(["true"], check=True)
