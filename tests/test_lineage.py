@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import wait_until
+from procs import child_env, wait_until
 from ralph_reaper.backends import get as get_backend
 from ralph_reaper.containment import Members, sessions_in_use
 from ralph_reaper.lineage import Lineage, Walk, full_scan_members, sharing
@@ -256,3 +256,34 @@ def test_a_shared_walk_that_saw_a_member_alive_is_not_believed_empty(backend: st
         _kill_all(members)
         leader.returncode = leader.returncode or -9  # reaped through its pin
         leader.stdout.close()
+
+
+def test_a_process_that_adopts_no_orphans_never_reads_its_other_children(backend: str) -> None:
+    """A loop that is no subreaper (the usual case) starts every dispatch from one
+    process: its other children, hundreds, are not even listed, and the search
+    still finds what the scan finds, orphans included (see lineage_forks_only.py)."""
+    script = os.path.join(os.path.dirname(__file__), "lineage_forks_only.py")
+    child = subprocess.run(
+        [sys.executable, script, backend, str(NEW_CROWD)],
+        capture_output=True,
+        env=child_env(),
+        timeout=240,
+    )
+    # What the script's shapes orphaned came to us (a subreaper); it killed them all.
+    me = os.getpid()
+    for line in child.stdout.decode().splitlines():
+        if line.startswith("pids"):
+            for pid in map(int, line.split()[1:]):
+                if _parent(pid) == me:
+                    os.waitpid(pid, 0)
+    assert child.returncode == 0, child.stderr.decode()[-3000:]
+    assert child.stdout.decode().splitlines()[-1] == "ok"
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return -1
+    return int(data[data.rfind(b")") + 2 :].split()[1])

@@ -19,7 +19,7 @@ from typing import Optional
 
 from .backends.base import Backend, ProcStat
 from .backends.procfs import children_of
-from .lineage import Lineage, Walk, full_scan_members, note_session
+from .lineage import Lineage, Walk, adopts_orphans, full_scan_members, note_session
 from .pins import Pin
 from .validation import is_ancestor
 
@@ -167,8 +167,8 @@ class Members:
         (a zombie's pid cannot be reused until it is) and the dispatch's by
         their session, which a zombie keeps.
         """
-        if self.session is None:
-            return 0
+        if self.session is None or not adopts_orphans(self.backend):
+            return 0  # then each child of ours is one we forked: a leader, reaped by its pin
         from .backends.polling import wait4_nohang
 
         reaped = 0

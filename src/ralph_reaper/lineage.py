@@ -19,10 +19,18 @@ read. The clock is read at every search; a gap of more than
 :data:`MAX_GAP_S` between two readings, or a move it cannot follow, forgets
 every entry.
 
+This process is one of those ancestors, and usually the busiest: a loop
+starts every dispatch from it. Its children are not listed at all while it
+adopts no orphans (it is not a child subreaper, and never was at an earlier
+search, nor the init of its PID namespace): then each of its children is one
+it forked, and no process of a session started from one of them is in the
+tree of another (those are forked from the leader and reparented only to its
+ancestors). The leader itself is searched from, so nothing is lost.
+
 A search costs the region it walks: the dispatch's own processes, plus what its
-ancestors started after it, minus the trees of this process's other
-dispatches (a session leader started by us is never in another session's
-tree, see :meth:`Lineage.members`), never the rest of the host.
+other ancestors started after it, never the rest of the host. A process that
+adopts orphans (``ralph-reaper run``) lists its children, but leaves out the
+trees of its other dispatches (see :meth:`Lineage.members`).
 :func:`full_scan_members` keeps the old way, one read of every process: the
 fallback without a record, and the oracle the tests hold the search to.
 """
@@ -290,6 +298,22 @@ class Lineage:
         return walk is not None and walk.covers(self) and walk.saw_alive(sid)
 
 
+_ADOPTS = False
+
+
+def adopts_orphans(backend: Backend) -> bool:
+    """Whether a child of this process may be one it did not fork: it is a child
+    subreaper, or the init of its PID namespace, now or at any earlier call (once
+    seen, the answer stays: an orphan it adopted stays its child)."""
+    global _ADOPTS
+    if not _ADOPTS:
+        try:
+            _ADOPTS = os.getpid() == 1 or backend.get_child_subreaper()
+        except OSError:
+            _ADOPTS = True
+    return _ADOPTS
+
+
 def _start_reader(backend: Backend) -> Callable[[int], Optional[int]]:
     def start_of(pid: int) -> Optional[int]:
         st = backend.proc_stat(pid)
@@ -313,6 +337,8 @@ def _walk(
     """
     CLOCK.tick()
     start_of = _start_reader(backend)
+    # Our own children are the seeds' leaders, and others' (see the module's docstring).
+    own = -1 if adopts_orphans(backend) else os.getpid()
     seen: set[int] = {pid for pid, _ in thresholds}
     frontier: list[int] = []
     for seed in seeds:
@@ -320,6 +346,8 @@ def _walk(
             seen.add(seed.leader)
             frontier.append(seed.leader)
     for (pid, start), threshold in thresholds.items():
+        if pid == own:
+            continue
         if start_of(pid) != start:
             continue  # gone: its children went to an ancestor further up, recorded too
         for child, born in CLOCK.born_since(children_of(pid), threshold, start_of):
