@@ -65,6 +65,21 @@ def _subreaper() -> None:
 
 
 @pytest.fixture(autouse=True)
+def monitor_slices(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DispatchMonitor takes its stop work a slice at a time in a process that adopts no
+    orphans, as a loop's host does; this test process is a subreaper (above), where it
+    takes all at once. So the monitor slices here too, in slices of 3, so that a test
+    with a few dispatches already crosses slices; tests marked ``unsliced`` keep the
+    subreaper's way."""
+    if request.node.get_closest_marker("unsliced") is not None:
+        return
+    from ralph_reaper import monitor
+
+    monkeypatch.setattr(monitor, "adopts_orphans", lambda _backend: False)
+    monkeypatch.setattr(monitor, "SLICE", 3)
+
+
+@pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
     """Fail the test if it left a process, a zombie or an fd behind; clean up either way."""
     me = os.getpid()

@@ -298,20 +298,25 @@ class Lineage:
         return walk is not None and walk.covers(self) and walk.saw_alive(sid)
 
 
-_ADOPTS = False
+#: The pid of the process seen adopting orphans (a forked child has adopted nothing).
+_ADOPTER = 0
 
 
 def adopts_orphans(backend: Backend) -> bool:
     """Whether a child of this process may be one it did not fork: it is a child
     subreaper, or the init of its PID namespace, now or at any earlier call (once
     seen, the answer stays: an orphan it adopted stays its child)."""
-    global _ADOPTS
-    if not _ADOPTS:
+    global _ADOPTER
+    own = os.getpid()
+    if own != _ADOPTER:
         try:
-            _ADOPTS = os.getpid() == 1 or backend.get_child_subreaper()
+            adopts = own == 1 or backend.get_child_subreaper()
         except OSError:
-            _ADOPTS = True
-    return _ADOPTS
+            adopts = True
+        if not adopts:
+            return False
+        _ADOPTER = own
+    return True
 
 
 def _start_reader(backend: Backend) -> Callable[[int], Optional[int]]:

@@ -31,6 +31,20 @@ whether any of our children exited, so ten thousand idle dispatches cost one
 syscall a round, not ten thousand ``/proc`` reads; pins that are not our
 children have a backoff of their own.
 
+No turn of the thread is long: when thousands of timeouts fall at once,
+their stops begin a slice at a time (:data:`SLICE` of them, or
+:data:`SLICE_S` of work), as do the stops that exits move on, and each
+slice shares one walk of its sessions (:class:`~ralph_reaper.lineage.Walk`).
+Between two slices the thread takes in new exits; those of dispatches still
+running (no stop of theirs under way) are reported at once, ahead of the
+stops' work, so a storm of stops never delays the report of another
+dispatch's end by more than a slice. That holds in a process that adopts
+no orphans (the host as it should be: not a subreaper), where a walk costs
+the slice's own trees. In one that does, a walk cannot leave out the trees of
+dispatches it does not know it forked, so it costs every dispatch started
+after the slice's oldest; there a turn takes every due stop in one walk, as
+slicing would pay that walk once per slice.
+
 Futures are completed on the monitor thread: done-callbacks run there and must
 not block (``asyncio.wrap_future`` and the waiting helpers here do not).
 """
@@ -53,7 +67,7 @@ from .containment import sessions_in_use
 from .dispatches import REGISTRY
 from .ending import collect_leader, finish, joinable, needs_sweep, stop_for, sweep_for
 from .engine import ONGOING, Stop, StopOutcome, not_running
-from .lineage import Lineage, Walk, sharing
+from .lineage import Lineage, Walk, adopts_orphans, sharing
 from .logs import resolve_logger
 from .pins import Pin
 from .plan import DEFAULT_EOF_WAIT_MS
@@ -73,6 +87,10 @@ FIRST_EXCEPTION = cf.FIRST_EXCEPTION
 
 #: Exits taken out of the epoll set per drain call.
 DRAIN_BATCH = 1024
+#: Stops begun, or moved on by exits, per turn of the thread (one walk each).
+SLICE = 32
+#: ... or fewer, once a turn's stop work has taken this long.
+SLICE_S = 0.003
 #: The longest single epoll wait (epoll_wait takes an int of milliseconds).
 MAX_WAIT_S = 86400.0
 
@@ -161,6 +179,9 @@ class DispatchMonitor:
         self._tokens: dict[int, _Entry] = {}
         self._next_token = 1
         self._ending: list[_Entry] = []
+        #: Stopping entries whose awaited pins exited, not yet told: id -> (entry, pins).
+        self._backlog: dict[int, tuple[_Entry, list[Pin]]] = {}
+        self._more_due = False
         self._progress: Optional[Timer] = None
         self._active = 0
         self._epset: Optional[EpollSet] = None
@@ -361,7 +382,7 @@ class DispatchMonitor:
                 os.close(fd)
 
     def _timeout(self) -> Optional[float]:
-        if self._ending:
+        if self._ending or self._backlog or self._more_due:
             return 0.0
         due = self._timers.next_due()
         if due is None:
@@ -432,14 +453,47 @@ class DispatchMonitor:
                 self._take_inbox()
             if inner:
                 self._drain_exits()
-            # Stops that begin or move on in one turn share one walk of their
-            # sessions' regions (timeouts that fall together: not N walks of N).
-            with sharing(Walk(self._stop_lineages)):
-                self._timers.run_due(self._run_timer)
-            if self._ending:
+            if self._ending:  # the ends of dispatches that were running: reported first
                 self._sweep()
+            if self._backlog:
+                self._tell_stops()
+            self._run_timers()
             if self._close_mode is not None and self._active == 0:
                 return
+
+    def _slice(self) -> tuple[Optional[int], Optional[float]]:
+        """How much stop work a turn takes: a slice, or all (see the module docstring)."""
+        if adopts_orphans(self._backend):
+            return None, None
+        return SLICE, time.monotonic() + SLICE_S
+
+    def _run_timers(self) -> None:
+        """One slice of the due timers. The stops they begin or move on share one walk
+        of their sessions' regions (timeouts that fall together: not N walks of N)."""
+        limit, until = self._slice()
+        due = self._timers.due_args
+        with sharing(Walk(lambda: self._lineages(due(limit or len(self._timers))))):
+            self._more_due = self._timers.run_due(self._run_timer, limit, until)
+
+    def _tell_stops(self) -> None:
+        """One slice of the backlog: stops told of their members' exits, sharing a walk."""
+        limit, until = self._slice()
+        batch = []
+        for key in list(self._backlog)[:limit]:
+            batch.append(self._backlog.pop(key))
+        with sharing(Walk(self._lineages(entry for entry, _ in batch))):
+            for i, (entry, pins) in enumerate(batch):
+                if i and until is not None and time.monotonic() >= until:  # the rest, in front
+                    rest = {id(e): (e, p) for e, p in batch[i:]}
+                    self._backlog = {**rest, **self._backlog}
+                    return
+                self._safely(entry, self._exited, entry, pins)
+
+    def _tell_stop(self, entry: _Entry) -> None:
+        """Before a stop of ``entry`` acts: tell it of exits still in the backlog."""
+        pending = self._backlog.pop(id(entry), None)
+        if pending is not None:
+            self._exited(entry, pending[1])
 
     def _take_inbox(self) -> None:
         # Empty the pipe first, then the inbox: a command posted in between
@@ -487,11 +541,21 @@ class DispatchMonitor:
             # Readable, yet nothing exited (a pidfd of a task that is not quite
             # gone): do not spin on the level-triggered set.
             time.sleep(0.001)
-        # Statuses of the whole batch are set before anyone looks at them; the
-        # stops they move on share one walk of their sessions, taken after the drain.
-        with sharing(Walk(self._stop_lineages)):
-            for entry, pins in touched.values():
-                self._safely(entry, self._exited, entry, pins)
+        # Statuses of the whole batch are set before anyone looks at them.
+        for entry, pins in touched.values():
+            self._took_exits(entry, pins)
+
+    def _took_exits(self, entry: _Entry, pins: list[Pin]) -> None:
+        """A running dispatch's end is taken now; a stop's members' exits wait their
+        slice (:meth:`_tell_stops`)."""
+        if entry.state == _STOPPING:
+            held = self._backlog.get(id(entry))
+            if held is None:
+                self._backlog[id(entry)] = (entry, pins)
+            else:
+                held[1].extend(pins)
+        elif entry.state != _DONE:
+            self._safely(entry, self._exited, entry, pins)
 
     def _run_timer(self, fn: Callable[[Any], None], arg: Any) -> None:
         self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
@@ -525,8 +589,7 @@ class DispatchMonitor:
             for entry, pins in gone.values():
                 ids = {id(p) for p in pins}
                 entry.slow = [p for p in entry.slow if id(p) not in ids]
-                if entry.state != _DONE:
-                    self._safely(entry, self._exited, entry, pins)
+                self._took_exits(entry, pins)
         finally:
             self._arm_poll()
 
@@ -632,14 +695,13 @@ class DispatchMonitor:
                 if entry.state == _ENDING:
                     self._safely(entry, self._sweep_one, entry, busy)
 
-    def _stop_lineages(self) -> list[Lineage]:
-        """The lineages of the dispatches whose stops a timer may begin or move on."""
-        with self._lock:
-            entries = list(self._entries.values())
+    @staticmethod
+    def _lineages(entries: Iterable[Any]) -> list[Lineage]:
+        """The lineages of those of ``entries`` (timer arguments, say) that are entries."""
         return [
             e.watch.lineage
             for e in entries
-            if e.state in (_RUNNING, _STOPPING) and e.watch.lineage is not None
+            if isinstance(e, _Entry) and e.watch.lineage is not None
         ]
 
     def _sweep_one(self, entry: _Entry, busy: set[int]) -> None:
@@ -702,6 +764,7 @@ class DispatchMonitor:
 
     def _stop_due(self, entry: _Entry) -> None:
         entry.stop_timer = None
+        self._tell_stop(entry)
         if entry.state == _STOPPING and entry.stop is not None:
             entry.stop.due(time.monotonic())
             self._sync(entry)
@@ -722,7 +785,10 @@ class DispatchMonitor:
         if entry.state == _RUNNING:
             self._start_stop(entry, "terminate")
         elif entry.state == _STOPPING and entry.stop is not None:
+            self._tell_stop(entry)
             stop = entry.stop
+            if stop is None:  # the exits ended it
+                return
             if not stop.done and stop.plan.stage in ("eof", "sigterm"):
                 stop.due(time.monotonic())  # skip the rest of the grace
                 self._sync(entry)
@@ -811,6 +877,7 @@ class DispatchMonitor:
         self._complete(entry, result)
 
     def _release_entry(self, entry: _Entry) -> None:
+        self._backlog.pop(id(entry), None)
         self._unregister_all(entry)
         self._timers.cancel(entry.wake_timer)
         self._timers.cancel(entry.stop_timer)

@@ -40,6 +40,10 @@ class TimerHeap:
             heapq.heapify(self._heap)
             self._stale = 0
 
+    def __len__(self) -> int:
+        """How many timers the heap holds (cancelled ones not yet dropped included)."""
+        return len(self._heap)
+
     def next_due(self) -> Optional[float]:
         """When the earliest live timer is due; None when there is none."""
         heap = self._heap
@@ -48,13 +52,38 @@ class TimerHeap:
             self._stale -= 1
         return heap[0][0] if heap else None
 
-    def run_due(self, run: Callable[[Callable[[Any], None], Any], None]) -> None:
+    def due_args(self, limit: int) -> list[Any]:
+        """The arguments of the (at most ``limit``) timers that :meth:`run_due` would run
+        next, earliest first: what a driver prepares for before running them."""
+        now = time.monotonic()
+        return [
+            e[3]
+            for e in heapq.nsmallest(limit, (e for e in self._heap if e[2] is not None))
+            if e[0] <= now
+        ]
+
+    def run_due(
+        self,
+        run: Callable[[Callable[[Any], None], Any], None],
+        limit: Optional[int] = None,
+        until: Optional[float] = None,
+    ) -> bool:
         """Run the timers due now, in order, through ``run(fn, arg)``. Each is taken
         out just before it runs, so that one cancelled by an earlier one never runs
-        (a stale deadline would escalate a stop early)."""
+        (a stale deadline would escalate a stop early).
+
+        At most ``limit`` of them, and none once the clock passes ``until``: a
+        driver with other work (exits to report) takes turns. Returns whether
+        more are due.
+        """
         heap = self._heap
         now = time.monotonic()
+        ran = 0
         while heap and heap[0][0] <= now:
+            if (limit is not None and ran >= limit) or (
+                until is not None and ran and time.monotonic() >= until
+            ):
+                return True
             entry = heapq.heappop(heap)
             fn, arg = entry[2], entry[3]
             if fn is None:
@@ -62,3 +91,5 @@ class TimerHeap:
                 continue
             entry[2] = entry[3] = None
             run(fn, arg)
+            ran += 1
+        return False
