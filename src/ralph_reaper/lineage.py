@@ -347,13 +347,21 @@ def _walk(
     seen: set[int] = {pid for pid, _ in thresholds}
     frontier: list[int] = []
     for seed in seeds:
-        if seed.leader not in seen and start_of(seed.leader) == seed.starttime:
+        if seed.leader in seen:
+            continue
+        st = backend.proc_stat(seed.leader)
+        if st is not None and st.starttime == seed.starttime:
             seen.add(seed.leader)
-            frontier.append(seed.leader)
+            yield seed.leader, st
+            for child in children_of(seed.leader, st.threads):
+                if child not in seen:
+                    seen.add(child)
+                    frontier.append(child)
     for (pid, start), threshold in thresholds.items():
         if pid == own:
             continue
-        if start_of(pid) != start:
+        # Cached: a recycled pid is read again; one gone, not recycled, has no children.
+        if CLOCK.start_of(pid, start_of) != start:
             continue  # gone: its children went to an ancestor further up, recorded too
         for child, born in CLOCK.born_since(children_of(pid), threshold, start_of):
             if child in seen:
@@ -369,7 +377,7 @@ def _walk(
             if st is None:
                 continue
             yield pid, st
-            for child in children_of(pid):
+            for child in children_of(pid, st.threads):
                 if child not in seen:
                     seen.add(child)
                     nxt.append(child)

@@ -471,9 +471,12 @@ class DispatchMonitor:
         """One slice of the due timers. The stops they begin or move on share one walk
         of their sessions' regions (timeouts that fall together: not N walks of N)."""
         limit, until = self._slice()
-        due = self._timers.due_args
-        with sharing(Walk(lambda: self._lineages(due(limit or len(self._timers))))):
-            self._more_due = self._timers.run_due(self._run_timer, limit, until)
+        self._more_due = self._timers.run_due(
+            self._run_timer,
+            limit,
+            until,
+            prepare=lambda args: sharing(Walk(lambda: self._lineages(args))),
+        )
 
     def _tell_stops(self) -> None:
         """One slice of the backlog: stops told of their members' exits, sharing a walk."""

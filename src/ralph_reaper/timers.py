@@ -8,9 +8,11 @@ long.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import time
+from contextlib import AbstractContextManager
 from typing import Any, Callable, Optional
 
 #: Rebuild once this many cancelled timers make up half the heap.
@@ -40,10 +42,6 @@ class TimerHeap:
             heapq.heapify(self._heap)
             self._stale = 0
 
-    def __len__(self) -> int:
-        """How many timers the heap holds (cancelled ones not yet dropped included)."""
-        return len(self._heap)
-
     def next_due(self) -> Optional[float]:
         """When the earliest live timer is due; None when there is none."""
         heap = self._heap
@@ -52,44 +50,44 @@ class TimerHeap:
             self._stale -= 1
         return heap[0][0] if heap else None
 
-    def due_args(self, limit: int) -> list[Any]:
-        """The arguments of the (at most ``limit``) timers that :meth:`run_due` would run
-        next, earliest first: what a driver prepares for before running them."""
-        now = time.monotonic()
-        return [
-            e[3]
-            for e in heapq.nsmallest(limit, (e for e in self._heap if e[2] is not None))
-            if e[0] <= now
-        ]
-
     def run_due(
         self,
         run: Callable[[Callable[[Any], None], Any], None],
         limit: Optional[int] = None,
         until: Optional[float] = None,
+        prepare: Optional[Callable[[list[Any]], AbstractContextManager[Any]]] = None,
     ) -> bool:
-        """Run the timers due now, in order, through ``run(fn, arg)``. Each is taken
-        out just before it runs, so that one cancelled by an earlier one never runs
-        (a stale deadline would escalate a stop early).
+        """Run the timers due now, in order, through ``run(fn, arg)``; return whether
+        more are due.
 
         At most ``limit`` of them, and none once the clock passes ``until``: a
-        driver with other work (exits to report) takes turns. Returns whether
-        more are due.
+        driver with other work (exits to report) takes turns. ``prepare(args)``,
+        given the arguments of the batch about to run, returns a context that
+        the batch runs in (one walk of their sessions, say). A timer cancelled
+        by an earlier one of the batch never runs (a stale deadline would
+        escalate a stop early).
         """
         heap = self._heap
         now = time.monotonic()
-        ran = 0
-        while heap and heap[0][0] <= now:
-            if (limit is not None and ran >= limit) or (
-                until is not None and ran and time.monotonic() >= until
-            ):
-                return True
+        batch: list[Timer] = []
+        while heap and heap[0][0] <= now and (limit is None or len(batch) < limit):
             entry = heapq.heappop(heap)
-            fn, arg = entry[2], entry[3]
-            if fn is None:
+            if entry[2] is None:
                 self._stale -= 1
-                continue
-            entry[2] = entry[3] = None
-            run(fn, arg)
-            ran += 1
-        return False
+            else:
+                batch.append(entry)
+        ran = 0
+        with prepare([e[3] for e in batch]) if prepare else contextlib.nullcontext():
+            for entry in batch:
+                fn, arg = entry[2], entry[3]
+                if fn is None:  # cancelled while out of the heap: not counted there
+                    self._stale = max(0, self._stale - 1)
+                    continue
+                if ran and until is not None and time.monotonic() >= until:
+                    heapq.heappush(self._heap, entry)  # its turn comes again, in order
+                    continue
+                entry[2] = entry[3] = None
+                run(fn, arg)
+                ran += 1
+        due = self.next_due()  # self._heap: a cancel in a callback may have rebuilt it
+        return due is not None and due <= now

@@ -83,9 +83,20 @@ def _have_children_files() -> bool:
     return _children_files
 
 
-def children_of(pid: int) -> list[int]:
-    """The children of ``pid`` (every thread's), from ``/proc``; [] if it is gone."""
+def children_of(pid: int, threads: int = 0) -> list[int]:
+    """The children of ``pid`` (every thread's), from ``/proc``; [] if it is gone.
+
+    ``threads``: how many threads its stat just said it has; with one, only
+    that thread's file is read (a thread started since is a fork since: what a
+    read cannot see either way).
+    """
     out: list[int] = []
+    if threads == 1:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return out
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
