@@ -43,6 +43,7 @@ except ImportError:  # a source checkout without an install: use src/
 from ralph_reaper import backends as rr_backends  # noqa: E402
 
 from . import baselines  # noqa: E402
+from .misses import explain  # noqa: E402
 from .scenarios import SCENARIOS, Bench, Params, Table, load_monitor, met_text, sweep  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -244,6 +245,11 @@ def render_report(
             ),
             "",
         ]
+        why = explain(targets)
+        if why:
+            parts += ["Why the missed ones are missed, as far as we know:", ""]
+            parts += [f"- {line}" for line in why]
+            parts.append("")
     parts += [render_table(t) for t in tables]
     extra = list(notes)
     if bench is not None:

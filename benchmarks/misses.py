@@ -1,0 +1,133 @@
+"""Why a target is missed, where we know: written under the targets table for the missed ones.
+
+Keyed by the start of a target's ``what``; the first key that matches explains it.
+The text says what costs, not how much: the figures are in the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .scenarios import Target
+
+WHY: list[tuple[str, str]] = [
+    (
+        "S1 polling",
+        "Without pidfds an exit is found by polling, with a backoff from 0.1 ms to 50 ms: "
+        "the latency is the phase of the poll at which the child exits.",
+    ),
+    (
+        "S1 ",
+        "The floor is a C loop blocked in waitid on one pid. A wait of ours pins the "
+        "process (pidfd, ancestry), wakes from epoll, reaps with rusage and builds the "
+        "result in Python, and with stop_leftovers searches the session for leftovers "
+        "(see the stop_leftovers=False rows for the part that is). Python's own "
+        "os.waitpid is already above the floor. A wait path that returns the finished "
+        "result from one C call was not built.",
+    ),
+    (
+        "S2 N=",
+        "Per exit the monitor runs Python: the pin's status, the result object, the "
+        "future and its callbacks, on the same two cores as the children (wall), and "
+        "that is most of its CPU per exit. The one C call per batch of exits that would "
+        "drain, reap and read what the result needs was not built.",
+    ),
+    (
+        "S3 polling",
+        "Without pidfds every watched pid is polled: the waitid gate for our children "
+        "and a full check of each child pin about every second, each held to a quarter "
+        "of a percent of a core once the rounds have backed off; the first rounds start "
+        "at 0.1 ms and double, and they weigh most in a short window (quick mode).",
+    ),
+    (
+        "S3 ",
+        "An idle monitor waits in one epoll_wait with no timer due but its progress line; "
+        "a miss is the machine's noise (see the load average) unless a quiet rerun "
+        "repeats it.",
+    ),
+    (
+        "S4 SIGTERM-ignoring",
+        "Measured from the earliest moment SIGKILL may be sent: the stop's timer is an "
+        "epoll timeout in whole milliseconds (rounded up), then the session is searched "
+        "again before SIGKILL (design section 5), then the exit is awaited and the "
+        "session swept.",
+    ),
+    (
+        "S4 ",
+        "A cooperative stop is EOF, then SIGTERM through a pidfd, one epoll wake-up, the "
+        "reap and the session sweep in Python; a miss beside the other rows' p50 is the "
+        "machine's noise in a p99 of 100 runs.",
+    ),
+    (
+        "S5 ",
+        "Session containment cannot find daemons that left both the tree and the "
+        "session (setsid after a double fork): only keeper containment claims them "
+        "(design section 5), and its row meets the target.",
+    ),
+    (
+        "S6 spawn_dispatch (native)",
+        "Under keeper containment a spawn is two execs in series (the keeper, then the "
+        "command from it), and the call returns only once the keeper reports that the "
+        "command runs, so that a command that cannot start is a launch error at spawn "
+        "time, as it is for Popen.",
+    ),
+    (
+        "S6 ralph_reaper.Popen (native)",
+        "As spawn_dispatch under keeper containment: two execs in series, and the "
+        "keeper's report that the command runs is awaited.",
+    ),
+    (
+        "S6 ralph_reaper.Popen",
+        "Without a keeper it is Popen plus a pin and the ancestry record; what else "
+        "costs there (the polling row most) was not looked into.",
+    ),
+    (
+        "S6 ",
+        "The concurrent.futures.Future that watch returns is most of it by itself.",
+    ),
+    (
+        "S7 ",
+        "A search reads the dispatch's own processes and lists the children of its "
+        "ancestors (other than a host that adopts no orphans) born after it, with start "
+        "times cached by pid; what still grows with the host is that listing of a "
+        "crowded ancestor's children, one read of its children file and a lookup each.",
+    ),
+    (
+        "S8 native, host a subreaper",
+        "A process that adopts orphans cannot tell a child it forked from an adopted "
+        "one, so a search cannot leave out the other dispatches' trees and costs every "
+        "dispatch started after the one searched; its monitor takes every due stop in "
+        "one walk per turn, and other exits wait for that turn. The host of design "
+        "section 5 is no subreaper (the rows above).",
+    ),
+    (
+        "S8 polling",
+        "Without pidfds exits are found by polling rounds; while thousands of exits "
+        "arrive at once a round costs more and the interval between rounds is stretched "
+        "to keep the polling's share of a core bounded (ralph_reaper.polled), so other "
+        "exits wait for the next round.",
+    ),
+    (
+        "S8 ",
+        "Each stop reads its leader's stat and children file at SIGTERM and again after "
+        "the exit, signals through a pidfd and builds its result in Python, on two cores "
+        "shared with the storm's own exits and the machine's load (see the load average).",
+    ),
+]
+
+
+def explain(targets: Sequence[Target]) -> list[str]:
+    """One line per explanation that some missed target needs, in the order of WHY."""
+    needed: dict[int, list[str]] = {}
+    for target in targets:
+        if target.met is not False:
+            continue
+        for i, (prefix, _why) in enumerate(WHY):
+            if target.what.startswith(prefix):
+                needed.setdefault(i, []).append(target.what)
+                break
+    lines = []
+    for i in sorted(needed):
+        prefix, why = WHY[i]
+        lines.append(f"**{prefix.strip()}** ({len(needed[i])} missed): {why}")
+    return lines
