@@ -503,3 +503,43 @@ def test_terminate_during_a_monitor_stop_reports_that_stop(backend: str, kids: K
     assert joined == (True, "sigkill")
     assert result.status is DispatchCompletionStatus.TIMEOUT
     assert result.termination_method == "sigkill"
+
+
+@pytest.mark.parametrize("face", ["blocking", "monitor"])
+def test_one_catchable_signal_per_process_of_the_leaders_group(
+    backend: str, kids: Kids, monkeypatch: pytest.MonkeyPatch, face: str
+) -> None:
+    """The leader's group gets one SIGTERM at once (forks in flight included); its
+    members are not sent another each through their pins, or a handler would run
+    twice. The calls are counted as they pass through (nothing is replaced)."""
+    from ralph_reaper.containment import Members
+    from ralph_reaper.pins import Pin
+
+    sent: list[tuple[str, int, int]] = []
+    pin_signal, group_signal = Pin.signal, Members.signal_group
+
+    def spy_pin(self: Pin, sig: int) -> bool:
+        sent.append(("pin", self.pid, sig))
+        return pin_signal(self, sig)
+
+    def spy_group(self: Members, sig: int) -> bool:
+        done = group_signal(self, sig)
+        if done:
+            sent.append(("group", self.session or 0, sig))
+        return done
+
+    monkeypatch.setattr(Pin, "signal", spy_pin)
+    monkeypatch.setattr(Members, "signal_group", spy_group)
+    proc = kids.sh("sleep 60 & echo $!; wait", stdout=subprocess.PIPE)
+    child = int(read_line(proc))
+    if face == "blocking":
+        assert graceful_terminate_dispatch(proc.pid) == (True, "sigterm")
+    else:
+        with DispatchMonitor() as monitor:
+            result = monitor.watch(dispatch(proc.pid), "pt-1", timeout_ms=1).result()
+        assert result.termination_method == "sigterm", result
+    terms = [s for s in sent if s[2] == signal.SIGTERM]
+    if ("group", proc.pid, signal.SIGTERM) in terms:
+        assert [s for s in terms if s[0] == "pin"] == [], terms
+    else:  # no group signal here: each member by its own pin, once
+        assert sorted(s[1] for s in terms) == sorted([proc.pid, child]), terms

@@ -175,10 +175,22 @@ class Stop:
         live = self.members.live()
         for sig in signals:
             grouped = self.members.signal_group(sig)
-            hit = {p.pid for p in live if p.signal(sig)}
+            if grouped and sig != signal.SIGKILL:
+                # One catchable signal per process: a handler would run twice (a
+                # trap that cleans up, a "term" logged twice). SIGKILL goes to all.
+                rest = [p for p in live if not self._reached_by_group(p)]
+            else:
+                rest = live
+            hit = {p.pid for p in rest if p.signal(sig)}
             if grouped:  # the group's signal may have ended a member before its own
                 hit |= {p.pid for p in live}
             self.signalled.update(hit)
+
+    def _reached_by_group(self, pin: Pin) -> bool:
+        """Whether ``pin``, read just after :meth:`Members.signal_group`, is in the
+        session leader's process group (the one signalled) or has already exited."""
+        st = self.members.backend.proc_stat(pin.pid)
+        return st is None or st.ended or st.pgrp == self.members.session
 
     def _check_keeper(self) -> None:
         """A keeper that died without its final report (SIGKILLed, say) stopped nothing:
