@@ -27,7 +27,7 @@ from ralph_reaper.backends import using
 from ralph_reaper.containment import Members
 from ralph_reaper.lineage import Lineage, Walk, adopts_orphans, full_scan_members
 from ralph_reaper.pins import Pin
-from shapes import SHAPES, WAIT_S, Lines
+from shapes import SHAPES, WAIT_S, Lines, kill_all
 
 
 def _fork_crowd(n: int) -> list[int]:
@@ -132,23 +132,9 @@ def _one(shape: Any, reads: Reads, crowd_n: int, old: set[int]) -> None:
         leader.returncode = -9  # reaped through the pin
         _same(lineage, leader.pid, reads, crowd)
     finally:
-        seen: set[int] = {p.pid for p in announced}
         for p in announced:
             p.signal(signal.SIGKILL)
-        for _ in range(20):
-            members.discover()
-            live = members.live()
-            seen.update(members.pins)
-            for p in live:
-                p.signal(signal.SIGKILL)
-            wait_until(lambda: not members.live(), timeout=WAIT_S)
-            for p in members.pins.values():
-                if p.exited():
-                    p.collect()
-                    p.reap_if_child()
-            if not live:
-                break
-        members.close()
+        seen = kill_all(members) | {p.pid for p in announced}
         for p in announced:
             wait_until(p.exited, timeout=WAIT_S)
             p.close()

@@ -13,12 +13,16 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from procs import starttime, state
+from procs import starttime, state, wait_until
+
+if TYPE_CHECKING:
+    from ralph_reaper.containment import Members
 
 PY = sys.executable
 SH = "/bin/sh"
@@ -276,3 +280,25 @@ SHAPES = [
         leader_exits=7,
     ),
 ]
+
+
+def kill_all(members: Members) -> set[int]:
+    """SIGKILL every member, again until none is left, and reap the ones that are ours;
+    return the pids of every member pinned on the way."""
+    seen: set[int] = set()
+    for _ in range(20):
+        members.discover()
+        live = members.live()
+        seen.update(members.pins)
+        for p in live:
+            p.signal(signal.SIGKILL)
+        wait_until(lambda: not members.live(), timeout=WAIT_S)
+        for p in members.pins.values():
+            if p.exited():
+                p.collect()
+                p.reap_if_child()
+        members.reap_zombie_children()
+        if not live:
+            break
+    members.close()
+    return seen

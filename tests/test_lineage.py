@@ -24,7 +24,7 @@ from ralph_reaper.backends import get as get_backend
 from ralph_reaper.containment import Members, sessions_in_use
 from ralph_reaper.lineage import Lineage, Walk, full_scan_members, sharing
 from ralph_reaper.pins import Pin
-from shapes import SHAPES, WAIT_S, Lines, Shape
+from shapes import SHAPES, WAIT_S, Lines, Shape, kill_all
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -104,24 +104,6 @@ def _same(lineage: Lineage, sid: int, **kwargs: object) -> None:
     assert searched == scanned, f"search {sorted(searched)} != scan {sorted(scanned)}"
 
 
-def _kill_all(members: Members) -> None:
-    """SIGKILL every member, again until none is left, and reap the ones that are ours."""
-    for _ in range(20):
-        members.discover()
-        live = members.live()
-        for p in live:
-            p.signal(signal.SIGKILL)
-        wait_until(lambda: not members.live(), timeout=WAIT_S)
-        for p in members.pins.values():
-            if p.exited():
-                p.collect()
-                p.reap_if_child()
-        members.reap_zombie_children()
-        if not live:
-            break
-    members.close()
-
-
 SESSION_SHAPES = [s for s in SHAPES if not s.detached]
 
 
@@ -172,7 +154,7 @@ def test_the_search_finds_what_the_scan_finds(
         busy = sessions_in_use(get_backend(), {sid: lineage})
         assert busy == ({sid} if full_scan_members(get_backend(), sid) else set())
     finally:
-        _kill_all(members)
+        kill_all(members)
         leader.returncode = leader.returncode or -9  # reaped through its pin
         os.close(read_fd)
 
@@ -191,7 +173,7 @@ def test_a_search_without_lineage_falls_back_to_the_scan(backend: str) -> None:
         assert members.lineage is None
         assert members.discover() == 1 and set(members.pins) == {child}
     finally:
-        _kill_all(members)
+        kill_all(members)
 
 
 def test_one_walk_for_several_sessions_finds_what_the_scan_finds(
@@ -224,7 +206,7 @@ def test_one_walk_for_several_sessions_finds_what_the_scan_finds(
         assert sessions_in_use(get_backend(), sids) == expected
     finally:
         for leader, members, read_fd in started:
-            _kill_all(members)
+            kill_all(members)
             leader.returncode = leader.returncode or -9  # reaped through its pin
             os.close(read_fd)
 
@@ -253,7 +235,7 @@ def test_a_shared_walk_that_saw_a_member_alive_is_not_believed_empty(backend: st
             live = members.discover_live()
         assert [p.pid for p in live] == [child]
     finally:
-        _kill_all(members)
+        kill_all(members)
         leader.returncode = leader.returncode or -9  # reaped through its pin
         leader.stdout.close()
 

@@ -345,18 +345,15 @@ def _walk(
     # Our own children are the seeds' leaders, and others' (see the module's docstring).
     own = -1 if adopts_orphans(backend) else os.getpid()
     seen: set[int] = {pid for pid, _ in thresholds}
-    frontier: list[int] = []
+    # (pid, its stat when already read): a seed's, read to check it is the leader.
+    frontier: list[tuple[int, Optional[ProcStat]]] = []
     for seed in seeds:
         if seed.leader in seen:
             continue
-        st = backend.proc_stat(seed.leader)
-        if st is not None and st.starttime == seed.starttime:
+        lead = backend.proc_stat(seed.leader)
+        if lead is not None and lead.starttime == seed.starttime:
             seen.add(seed.leader)
-            yield seed.leader, st
-            for child in children_of(seed.leader, st.threads):
-                if child not in seen:
-                    seen.add(child)
-                    frontier.append(child)
+            frontier.append((seed.leader, lead))
     for (pid, start), threshold in thresholds.items():
         if pid == own:
             continue
@@ -369,18 +366,18 @@ def _walk(
             seen.add(child)
             if leave_out is not None and leave_out(pid, child, born):
                 continue
-            frontier.append(child)
+            frontier.append((child, None))
     while frontier:  # everything below is born after its parent: no start times needed
-        nxt: list[int] = []
-        for pid in frontier:
-            st = backend.proc_stat(pid)
+        nxt: list[tuple[int, Optional[ProcStat]]] = []
+        for pid, known in frontier:
+            st = known or backend.proc_stat(pid)
             if st is None:
                 continue
             yield pid, st
             for child in children_of(pid, st.threads):
                 if child not in seen:
                     seen.add(child)
-                    nxt.append(child)
+                    nxt.append((child, None))
         frontier = nxt
 
 
