@@ -307,8 +307,8 @@ static int parse_stat(const char *buf, size_t len, struct rr_proc_stat *out)
             p++;
         if (field == 3) {
             out->state = tok[0];
-        } else if (field == 4 || field == 5 || field == 6 || field == 20 || field == 22 ||
-                   field == 52) {
+        } else if (field == 4 || field == 5 || field == 6 || field == 9 || field == 20 ||
+                   field == 22 || field == 52) {
             if (parse_ll(tok, p, &v) < 0)
                 return -EIO;
             switch (field) {
@@ -320,6 +320,9 @@ static int parse_stat(const char *buf, size_t len, struct rr_proc_stat *out)
                 break;
             case 6:
                 out->session = (int)v;
+                break;
+            case 9:
+                out->flags = (unsigned int)v;
                 break;
             case 20:
                 out->threads = (int)v;

@@ -63,6 +63,7 @@ struct rr_proc_stat {
     unsigned long long starttime; /* clock ticks after boot (field 22) */
     int exit_code;                /* field 52: wait status of a zombie, else 0 */
     int threads;                  /* field 20: threads in the group, a zombie leader included */
+    unsigned int flags;           /* field 9: the main thread's kernel flags (PF_*) */
 };
 /* 0 and *out filled, or -errno (-ENOENT/-ESRCH: no such process). */
 int rr_proc_stat(int pid, struct rr_proc_stat *out);

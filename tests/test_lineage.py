@@ -269,3 +269,116 @@ def _parent(pid: int) -> int:
     except OSError:
         return -1
     return int(data[data.rfind(b")") + 2 :].split()[1])
+
+
+#: A child subreaper with two threads; its second thread starts the leader's parent
+#: (``_PARENT``), then says which thread it is; its main thread then exits or waits.
+_ADOPTER = r"""
+import ctypes, os, subprocess, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+main_exits = sys.argv[1] == "1"
+started = threading.Event()
+def second():
+    parent = subprocess.Popen([sys.executable, "-c", sys.argv[2], *sys.argv[3:]])
+    print("parent", parent.pid, flush=True)
+    print("thread", threading.get_native_id(), flush=True)
+    started.set()
+    while True:
+        time.sleep(60)
+threading.Thread(target=second, daemon=True).start()
+started.wait()
+if main_exits:
+    libc.pthread_exit(None)  # ctypes lets go of the GIL: the second thread runs on
+while True:
+    time.sleep(60)
+"""
+
+#: The leader's parent, no subreaper: it starts the leader in a session of its own.
+_PARENT = r"""
+import signal, subprocess, sys
+leader = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, start_new_session=True)
+print("leader", leader.pid, flush=True)
+leader.wait()
+signal.pause()
+"""
+
+
+def _task_children(pid: int, tid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+            return {int(x) for x in f.read().split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("main_exits", [False, True], ids=["main_thread", "main_thread_exited"])
+@pytest.mark.parametrize(
+    "shape", [s for s in SESSION_SHAPES if s.name in ("background", "chain_50_deep")], ids=repr
+)
+def test_orphans_adopted_further_up_are_found_on_the_thread_that_took_them(
+    backend: str, shape: Shape, main_exits: bool
+) -> None:
+    """Orphans go to a subreaper above the leader's parent: to its main thread, or,
+    once that has exited, to another thread. The search reads the main thread's
+    children alone unless that is exiting, and still finds what the scan finds."""
+    read_fd, write_fd = os.pipe()
+    adopter = subprocess.Popen(
+        [sys.executable, "-c", _ADOPTER, "1" if main_exits else "0", _PARENT, *shape.cmd],
+        stdout=write_fd,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=shape.env,
+    )
+    os.close(write_fd)
+    members: Members | None = None
+    parent = -1
+    pids: list[int] = []
+    try:
+        lines = Lines(read_fd)
+        named: dict[str, int] = {}
+        while len(named) < 3 or len(pids) < shape.npids:
+            line = lines.readline(WAIT_S)
+            assert line is not None, "the adopter's tree ended early"
+            word, _, rest = line.strip().partition(" ")
+            if word in ("parent", "thread", "leader"):
+                named[word] = int(rest)
+            else:
+                pids.append(int(line))
+        parent, thread, leader = named["parent"], named["thread"], named["leader"]
+        pin = Pin.open(get_backend(), leader)
+        assert pin is not None
+        members = Members(get_backend(), pin, "session")
+        lineage = Lineage.record(get_backend(), leader)
+        assert lineage is not None
+        assert [a[0] for a in lineage.ancestors[:3]] == [parent, adopter.pid, os.getpid()]
+        _same(lineage, leader)
+        pin.signal(signal.SIGKILL)  # its children are orphaned, to the adopter
+        orphans = {p for p in pids if p != leader and _parent(p) in (leader, adopter.pid)}
+        assert orphans, "the shape orphans nothing"
+        assert wait_until(lambda: all(_parent(p) == adopter.pid for p in orphans), WAIT_S)
+        holder = thread if main_exits else adopter.pid
+        assert orphans <= _task_children(adopter.pid, holder), "not where the kernel puts them"
+        _same(lineage, leader)
+    finally:
+        if members is not None:
+            kill_all(members)
+        adopter.kill()
+        adopter.wait()
+        # What the adopter held (its zombies too) is ours since it died: we are a subreaper.
+        _kill_ours([parent, *pids])
+        os.close(read_fd)
+
+
+def _kill_ours(pids: list[int]) -> None:
+    """SIGKILL and reap those of ``pids`` (all started by this test) that are our
+    children, until none is (a pid cannot be handed out again before we reap it)."""
+    me = os.getpid()
+    for _ in range(len(pids) + 1):
+        ours = [pid for pid in pids if pid > 0 and _parent(pid) == me]
+        if not ours:
+            return
+        for pid in ours:
+            os.kill(pid, signal.SIGKILL)
+        for pid in ours:
+            os.waitpid(pid, 0)

@@ -60,8 +60,11 @@ _PID_MAX = "/proc/sys/kernel/pid_max"
 
 def _read_int(path: str) -> Optional[int]:
     try:
-        with open(path, "rb") as f:
-            return int(f.read())
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return int(os.read(fd, 64))
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return None
 
@@ -354,13 +357,14 @@ def _walk(
         if lead is not None and lead.starttime == seed.starttime:
             seen.add(seed.leader)
             frontier.append((seed.leader, lead))
+    # The leaders' parents: a leader's clone(CLONE_PARENT) children are theirs too,
+    # children of whichever of their threads forked the leader.
+    parents = {seed.ancestors[0] for seed in seeds if seed.ancestors}
     for (pid, start), threshold in thresholds.items():
         if pid == own:
             continue
-        # Cached: a recycled pid is read again; one gone, not recycled, has no children.
-        if CLOCK.start_of(pid, start_of) != start:
-            continue  # gone: its children went to an ancestor further up, recorded too
-        for child, born in CLOCK.born_since(children_of(pid), threshold, start_of):
+        kids = _ancestor_children(backend, pid, start, (pid, start) in parents, start_of)
+        for child, born in CLOCK.born_since(kids, threshold, start_of):
             if child in seen:
                 continue
             seen.add(child)
@@ -379,6 +383,35 @@ def _walk(
                     seen.add(child)
                     nxt.append((child, None))
         frontier = nxt
+
+
+def _ancestor_children(
+    backend: Backend,
+    pid: int,
+    start: int,
+    is_parent: bool,
+    start_of: Callable[[int], Optional[int]],
+) -> list[int]:
+    """The children of ancestor ``(pid, start)`` where a process of the session can be.
+
+    An ancestor further up than the leader's parent has session processes among
+    its children only by adopting them, and the kernel gives an orphan to the
+    first thread of its new parent that is not exiting: the main thread, until
+    that begins to exit. So its main thread's children are read, then its stat
+    (after: the flag is never cleared, so "not exiting" then means not exiting at
+    any adoption before), and every thread's only if the main thread is exiting.
+    That spares a multi-threaded init or terminal a read per thread.
+    """
+    if is_parent:
+        # Cached: a recycled pid is read again; one gone, not recycled, has no children.
+        if CLOCK.start_of(pid, start_of) != start:
+            return []  # gone: its children went to an ancestor further up, recorded too
+        return children_of(pid)
+    kids = children_of(pid, 1)
+    st = backend.proc_stat(pid)
+    if st is None or st.starttime != start:
+        return []
+    return children_of(pid) if st.main_thread_exiting else kids
 
 
 class Walk:

@@ -33,6 +33,7 @@ import contextlib
 import inspect
 import logging
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
@@ -78,8 +79,27 @@ def _first(*candidates: _Emit | None) -> _Emit | None:
     return None
 
 
+#: ``_takes_ticket`` of a method's function: a sink is made per wait, and
+#: ``inspect.signature`` costs more than the rest of a short wait together.
+_TICKET_PARAM: weakref.WeakKeyDictionary[Callable[..., object], bool] = weakref.WeakKeyDictionary()
+
+
 def _takes_ticket(method: _Emit) -> bool:
     """Whether ``method`` has a parameter called ``ticket`` that a keyword can fill."""
+    func = getattr(method, "__func__", None)
+    if func is None:
+        return _probe_ticket(method)
+    try:
+        return _TICKET_PARAM[func]
+    except (KeyError, TypeError):
+        pass
+    takes = _probe_ticket(method)
+    with contextlib.suppress(TypeError):  # not weakly referable: probe each time
+        _TICKET_PARAM[func] = takes
+    return takes
+
+
+def _probe_ticket(method: _Emit) -> bool:
     try:
         params = inspect.signature(method).parameters
     except (TypeError, ValueError):
@@ -106,13 +126,14 @@ class _Route:
 
     __slots__ = ("method", "ticket")
 
-    def __init__(self, method: _Emit) -> None:
+    def __init__(self, method: _Emit, stdlib: bool) -> None:
         self.method = method
-        self.ticket = _takes_ticket(method)
+        # A stdlib logger is given the context in ``extra``, never ``ticket=``.
+        self.ticket = False if stdlib else _takes_ticket(method)
 
 
-def _route(method: _Emit | None) -> _Route | None:
-    return None if method is None else _Route(method)
+def _route(method: _Emit | None, stdlib: bool) -> _Route | None:
+    return None if method is None else _Route(method, stdlib)
 
 
 class LogSink:
@@ -154,11 +175,11 @@ class LogSink:
         # Prefer ``warning``: on logging.Logger ``warn`` is a deprecated alias.
         warning = _first(_lookup(target, "warning"), _lookup(target, "warn"))
         error = _lookup(target, "error")
-        self._debug = _route(debug)
-        self._info = _route(_first(info, debug))
-        self._warning = _route(_first(warning, error, info))
-        self._error = _route(_first(error, warning, info))
         self._stdlib = isinstance(target, (logging.Logger, logging.LoggerAdapter))
+        self._debug = _route(debug, self._stdlib)
+        self._info = _route(_first(info, debug), self._stdlib)
+        self._warning = _route(_first(warning, error, info), self._stdlib)
+        self._error = _route(_first(error, warning, info), self._stdlib)
         adapter = isinstance(target, logging.LoggerAdapter)
         self._stacklevel = _STACKLEVEL + (_ADAPTER_FRAMES if adapter else 0)
         self._context: dict[str, Any] = {key: None for key in LOG_CONTEXT_KEYS}

@@ -52,6 +52,10 @@ class ExitStatus:
         return os.WIFSIGNALED(self.status) and os.WCOREDUMP(self.status)
 
 
+#: ``PF_EXITING`` of include/linux/sched.h: set when a thread begins to exit.
+PF_EXITING = 0x4
+
+
 @dataclass(frozen=True)
 class ProcStat:
     """The fields of ``/proc/<pid>/stat`` the package relies on."""
@@ -65,6 +69,14 @@ class ProcStat:
     #: Threads in the group. A leader thread that exited shows ``Z`` while
     #: others run: the process has not exited until this is down to one.
     threads: int = 1
+    #: The main thread's kernel flags (``PF_*``, field 9).
+    flags: int = 0
+
+    @property
+    def main_thread_exiting(self) -> bool:
+        """The main thread has begun to exit (``PF_EXITING``, never cleared once set):
+        until then it is the thread that adopts every orphan the process adopts."""
+        return bool(self.flags & PF_EXITING)
 
     @property
     def ended(self) -> bool:

@@ -222,6 +222,7 @@ class NativeBackend:
             starttime=int(out.starttime),
             exit_code=int(out.exit_code),
             threads=int(out.threads),
+            flags=int(out.flags),
         )
 
     def descendants(self, roots: Sequence[int]) -> list[int]:
