@@ -1,14 +1,12 @@
 """Run by ``test_lineage`` in a child Python that adopts no orphans (not a subreaper).
 
-Such a process walks only those of its own children that are in a searched
-session (each is one it forked, or a clone(CLONE_PARENT) child of one, see
-:mod:`ralph_reaper.lineage`). Here, among a crowd of its own idle children
-born before and after each dispatch, every session shape is searched and
-compared with a read of every process: while it runs, after its leader is
-killed (its orphans go past this process to the test process, a subreaper
-and an ancestor) and after the leader is reaped. A search may read a crowd
-process once (its start time and session); the search right after it must
-read none. Every process of a shape is killed
+Such a process does not list its own children when it searches a session
+(each is one it forked, see :mod:`ralph_reaper.lineage`). Here, among a crowd
+of its own idle children born before and after each dispatch, every session
+shape is searched and compared with a read of every process: while it runs,
+after its leader is killed (its orphans go past this process to the test
+process, a subreaper and an ancestor) and after the leader is reaped. The
+search must also leave the crowd unread. Every process of a shape is killed
 and waited for here; its pids are printed (``pids ...``) so that the test
 process reaps the ones it adopted. Exits non-zero with the first mismatch.
 
@@ -70,13 +68,13 @@ def _same(lineage: Lineage, sid: int, reads: Reads, crowd: set[int]) -> None:
     scanned: set[int] = {-1}
     for _ in range(50):  # read again while the tree still moves
         scanned = set(full_scan_members(backend, sid))
+        reads.pids.clear()
         searched = set(lineage.members(backend, sid))
-        reads.pids.clear()  # what the first search read, the second knows
         walked = set(Walk([lineage]).session(backend, sid))
         read = reads.pids & crowd
         if searched == scanned == walked and scanned == set(full_scan_members(backend, sid)):
             if read:
-                raise SystemExit(f"a search read {len(read)} of our other children again")
+                raise SystemExit(f"the search read {len(read)} of our other children")
             return
     raise SystemExit(f"session {sid}: search {sorted(searched)} != scan {sorted(scanned)}")
 

@@ -273,22 +273,6 @@ SHAPES = [
         1,  # the zombies are dead already: not signalled, not counted
     ),
     Shape(
-        "clone_parent_sibling",
-        py(
-            "import ctypes, platform\n"
-            "libc = ctypes.CDLL(None, use_errno=True)\n"
-            "nr = {'x86_64': 56, 'aarch64': 220}[platform.machine()]  # SYS_clone\n"
-            "pid = libc.syscall(nr, 0x8000 | signal.SIGCHLD, 0, 0, 0, 0)  # CLONE_PARENT\n"
-            "if pid == 0:  # the leader's sibling, child of the leader's parent\n"
-            "    out(os.getpid())\n"
-            "    forever()\n"
-            "assert pid > 0, ctypes.get_errno()\n"
-            "out(os.getpid()); forever()"
-        ),
-        2,
-        1,
-    ),
-    Shape(
         "leader_exits_first",
         py("kids = [child() for i in range(3)]\nout(os.getpid(), *kids)\nos._exit(7)"),
         4,

@@ -240,11 +240,10 @@ def test_a_shared_walk_that_saw_a_member_alive_is_not_believed_empty(backend: st
         leader.stdout.close()
 
 
-def test_a_process_that_adopts_no_orphans_reads_its_other_children_once(backend: str) -> None:
+def test_a_process_that_adopts_no_orphans_never_reads_its_other_children(backend: str) -> None:
     """A loop that is no subreaper (the usual case) starts every dispatch from one
-    process: its other children, hundreds, are read once each, then known by their
-    start time and session, and the search still finds what the scan finds, orphans
-    and a leader's clone(CLONE_PARENT) sibling included (see lineage_forks_only.py)."""
+    process: its other children, hundreds, are not even listed, and the search
+    still finds what the scan finds, orphans included (see lineage_forks_only.py)."""
     script = os.path.join(os.path.dirname(__file__), "lineage_forks_only.py")
     child = subprocess.run(
         [sys.executable, script, backend, str(NEW_CROWD)],

@@ -20,15 +20,12 @@ read. The clock is read at every search; a gap of more than
 every entry.
 
 This process is one of those ancestors, and usually the busiest: a loop
-starts every dispatch from it. While it adopts no orphans (it is not a child
-subreaper, and never was at an earlier search, nor the init of its PID
-namespace), each of its children is one it forked, or one that a child of
-its forked with ``clone(CLONE_PARENT)``, which is in that child's session.
-No process of a session is in the tree of a child of ours in another
-session (those are forked from the leader and reparented only to its
-ancestors), so only the children seen in a searched session are walked; the
-session each is in is read once and remembered (a process leaves a session
-only for one of its own). Thousands of other dispatches cost a lookup each.
+starts every dispatch from it. Its children are not listed at all while it
+adopts no orphans (it is not a child subreaper, and never was at an earlier
+search, nor the init of its PID namespace): then each of its children is one
+it forked, and no process of a session started from one of them is in the
+tree of another (those are forked from the leader and reparented only to its
+ancestors). The leader itself is searched from, so nothing is lost.
 
 A search costs the region it walks: the dispatch's own processes, plus what its
 other ancestors started after it, never the rest of the host. A process that
@@ -328,10 +325,7 @@ def adopts_orphans(backend: Backend) -> bool:
 def _start_reader(backend: Backend) -> Callable[[int], Optional[int]]:
     def start_of(pid: int) -> Optional[int]:
         st = backend.proc_stat(pid)
-        if st is None:
-            return None
-        note_session(pid, st)  # read anyway: what a search of our own children asks next
-        return st.starttime
+        return None if st is None else st.starttime
 
     return start_of
 
@@ -349,13 +343,10 @@ def _walk(
     the seed lineages' leaders (in case a parent could not be recorded).
     ``leave_out(parent, child, born)`` prunes a child's subtree.
     """
-    seeds = list(seeds)
     CLOCK.tick()
     start_of = _start_reader(backend)
-    # Our own children, if we adopt none, are ours or our children's clone(CLONE_PARENT)
-    # children: only those in a seed's session are walked (see the module's docstring).
+    # Our own children are the seeds' leaders, and others' (see the module's docstring).
     own = -1 if adopts_orphans(backend) else os.getpid()
-    sessions = {seed.leader for seed in seeds}
     seen: set[int] = {pid for pid, _ in thresholds}
     # (pid, its stat when already read): a seed's, read to check it is the leader.
     frontier: list[tuple[int, Optional[ProcStat]]] = []
@@ -370,6 +361,8 @@ def _walk(
     # children of whichever of their threads forked the leader.
     parents = {seed.ancestors[0] for seed in seeds if seed.ancestors}
     for (pid, start), threshold in thresholds.items():
+        if pid == own:
+            continue
         kids = _ancestor_children(backend, pid, start, (pid, start) in parents, start_of)
         for child, born in CLOCK.born_since(kids, threshold, start_of):
             if child in seen:
@@ -377,8 +370,6 @@ def _walk(
             seen.add(child)
             if leave_out is not None and leave_out(pid, child, born):
                 continue
-            if pid == own and _session_of(backend, child, born) not in sessions:
-                continue  # nor will any process below it ever be in one
             frontier.append((child, None))
     while frontier:  # everything below is born after its parent: no start times needed
         nxt: list[tuple[int, Optional[ProcStat]]] = []
@@ -392,19 +383,6 @@ def _walk(
                     seen.add(child)
                     nxt.append((child, None))
         frontier = nxt
-
-
-def _session_of(backend: Backend, pid: int, born: int) -> Optional[int]:
-    """The session of ``(pid, born)``: as seen before (a process leaves a session
-    only for one of its own, never to come back), else read now; None if gone."""
-    seen = _SESSION_SEEN.get(pid)
-    if seen is not None and seen[0] == born:
-        return seen[1]
-    st = backend.proc_stat(pid)
-    if st is None or st.starttime != born:
-        return None
-    note_session(pid, st)
-    return st.session
 
 
 def _ancestor_children(
