@@ -20,7 +20,8 @@ WHY: list[tuple[str, str]] = [
         "S1 ",
         "The floor is a C loop blocked in waitid on one pid. A wait of ours pins the "
         "process (pidfd, ancestry), wakes from epoll, reaps with rusage and builds the "
-        "result in Python, and with stop_leftovers searches the session for leftovers "
+        "result in Python, and with stop_leftovers searches the session for leftovers: "
+        "a children file and a stat for each of the leader's ancestors but this process "
         "(see the stop_leftovers=False rows for the part that is). Python's own "
         "os.waitpid is already above the floor. A wait path that returns the finished "
         "result from one C call was not built.",
