@@ -262,6 +262,15 @@ def test_a_process_that_adopts_no_orphans_never_reads_its_other_children(backend
     assert child.stdout.decode().splitlines()[-1] == "ok"
 
 
+def _sid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return -1
+    return int(data[data.rfind(b")") + 2 :].split()[3])
+
+
 def _parent(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -281,8 +290,8 @@ main_exits = sys.argv[1] == "1"
 started = threading.Event()
 def second():
     parent = subprocess.Popen([sys.executable, "-c", sys.argv[2], *sys.argv[3:]])
-    print("parent", parent.pid, flush=True)
-    print("thread", threading.get_native_id(), flush=True)
+    print("parent", parent.pid, file=sys.stderr, flush=True)
+    print("thread", threading.get_native_id(), file=sys.stderr, flush=True)
     started.set()
     while True:
         time.sleep(60)
@@ -298,7 +307,7 @@ while True:
 _PARENT = r"""
 import signal, subprocess, sys
 leader = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, start_new_session=True)
-print("leader", leader.pid, flush=True)
+print("leader", leader.pid, file=sys.stderr, flush=True)
 leader.wait()
 signal.pause()
 """
@@ -322,30 +331,36 @@ def test_orphans_adopted_further_up_are_found_on_the_thread_that_took_them(
     """Orphans go to a subreaper above the leader's parent: to its main thread, or,
     once that has exited, to another thread. The search reads the main thread's
     children alone unless that is exiting, and still finds what the scan finds."""
-    read_fd, write_fd = os.pipe()
+    read_fd, write_fd = os.pipe()  # the shape's pids
+    names_r, names_w = os.pipe()  # the adopter's and the parent's "name pid" lines
     adopter = subprocess.Popen(
         [sys.executable, "-c", _ADOPTER, "1" if main_exits else "0", _PARENT, *shape.cmd],
         stdout=write_fd,
+        stderr=names_w,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
         env=shape.env,
     )
     os.close(write_fd)
+    os.close(names_w)
     members: Members | None = None
-    parent = -1
+    parent = leader = -1
     pids: list[int] = []
     try:
-        lines = Lines(read_fd)
+        names = Lines(names_r)
         named: dict[str, int] = {}
-        while len(named) < 3 or len(pids) < shape.npids:
-            line = lines.readline(WAIT_S)
+        while len(named) < 3:
+            line = names.readline(WAIT_S)
             assert line is not None, "the adopter's tree ended early"
             word, _, rest = line.strip().partition(" ")
             if word in ("parent", "thread", "leader"):
                 named[word] = int(rest)
-            else:
-                pids.append(int(line))
         parent, thread, leader = named["parent"], named["thread"], named["leader"]
+        lines = Lines(read_fd)
+        for _ in range(shape.npids):
+            line = lines.readline(WAIT_S)
+            assert line is not None, "the shape's tree ended early"
+            pids.append(int(line))
         pin = Pin.open(get_backend(), leader)
         assert pin is not None
         members = Members(get_backend(), pin, "session")
@@ -366,16 +381,18 @@ def test_orphans_adopted_further_up_are_found_on_the_thread_that_took_them(
         adopter.kill()
         adopter.wait()
         # What the adopter held (its zombies too) is ours since it died: we are a subreaper.
-        _kill_ours([parent, *pids])
+        _kill_ours([parent, *pids], {adopter.pid, leader})
         os.close(read_fd)
+        os.close(names_r)
 
 
-def _kill_ours(pids: list[int]) -> None:
+def _kill_ours(pids: list[int], sessions: set[int]) -> None:
     """SIGKILL and reap those of ``pids`` (all started by this test) that are our
-    children, until none is (a pid cannot be handed out again before we reap it)."""
+    children in one of ``sessions``, until none is (a pid cannot be handed out again
+    before we reap it)."""
     me = os.getpid()
     for _ in range(len(pids) + 1):
-        ours = [pid for pid in pids if pid > 0 and _parent(pid) == me]
+        ours = [pid for pid in pids if pid > 0 and _parent(pid) == me and _sid(pid) in sessions]
         if not ours:
             return
         for pid in ours:

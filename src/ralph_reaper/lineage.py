@@ -45,7 +45,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -336,7 +336,7 @@ def _start_reader(backend: Backend) -> Callable[[int], Optional[int]]:
 
 def _walk(
     backend: Backend,
-    seeds: Iterable[Lineage],
+    seeds: Sequence[Lineage],  # read twice
     thresholds: dict[tuple[int, int], int],
     leave_out: Optional[Callable[[int, int, int], bool]] = None,
 ) -> Iterator[tuple[int, ProcStat]]:
