@@ -59,6 +59,18 @@ def state(pid: int) -> Optional[str]:
     return None if st is None else st[0]
 
 
+def parent(pid: int) -> int:
+    """The parent of pid, or -1 when it is gone."""
+    st = _stat(pid)
+    return -1 if st is None else st[1]
+
+
+def session(pid: int) -> int:
+    """The session of pid, or -1 when it is gone."""
+    st = _stat(pid)
+    return -1 if st is None else st[2]
+
+
 def descendants_of(root: int) -> list[int]:
     """Every process below ``root`` (zombies included), from one scan of /proc."""
     children: dict[int, list[int]] = {}

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import child_env, wait_until
+from procs import child_env, session, wait_until
+from procs import parent as parent_of
 from ralph_reaper.backends import get as get_backend
 from ralph_reaper.containment import Members, sessions_in_use
 from ralph_reaper.lineage import Lineage, Walk, full_scan_members, sharing
@@ -256,28 +257,10 @@ def test_a_process_that_adopts_no_orphans_never_reads_its_other_children(backend
     for line in child.stdout.decode().splitlines():
         if line.startswith("pids"):
             for pid in map(int, line.split()[1:]):
-                if _parent(pid) == me:
+                if parent_of(pid) == me:
                     os.waitpid(pid, 0)
     assert child.returncode == 0, child.stderr.decode()[-3000:]
     assert child.stdout.decode().splitlines()[-1] == "ok"
-
-
-def _sid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return -1
-    return int(data[data.rfind(b")") + 2 :].split()[3])
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return -1
-    return int(data[data.rfind(b")") + 2 :].split()[1])
 
 
 #: A child subreaper with two threads; its second thread starts the leader's parent
@@ -369,9 +352,9 @@ def test_orphans_adopted_further_up_are_found_on_the_thread_that_took_them(
         assert [a[0] for a in lineage.ancestors[:3]] == [parent, adopter.pid, os.getpid()]
         _same(lineage, leader)
         pin.signal(signal.SIGKILL)  # its children are orphaned, to the adopter
-        orphans = {p for p in pids if p != leader and _parent(p) in (leader, adopter.pid)}
+        orphans = {p for p in pids if p != leader and parent_of(p) in (leader, adopter.pid)}
         assert orphans, "the shape orphans nothing"
-        assert wait_until(lambda: all(_parent(p) == adopter.pid for p in orphans), WAIT_S)
+        assert wait_until(lambda: all(parent_of(p) == adopter.pid for p in orphans), WAIT_S)
         holder = thread if main_exits else adopter.pid
         assert orphans <= _task_children(adopter.pid, holder), "not where the kernel puts them"
         _same(lineage, leader)
@@ -392,7 +375,7 @@ def _kill_ours(pids: list[int], sessions: set[int]) -> None:
     before we reap it)."""
     me = os.getpid()
     for _ in range(len(pids) + 1):
-        ours = [pid for pid in pids if pid > 0 and _parent(pid) == me and _sid(pid) in sessions]
+        ours = [p for p in pids if p > 0 and parent_of(p) == me and session(p) in sessions]
         if not ours:
             return
         for pid in ours:
