@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .backends.base import Backend, ProcStat
-from .backends.procfs import children_of
+from .backends.procfs import children_of, read_short
 
 #: pids below this are not handed out again once the allocator has wrapped.
 RESERVED_PIDS = 300
@@ -64,11 +64,7 @@ _PID_MAX = "/proc/sys/kernel/pid_max"
 
 def _read_int(path: str) -> Optional[int]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return int(os.read(fd, 64))
-        finally:
-            os.close(fd)
+        return int(read_short(path, 64))
     except (OSError, ValueError):
         return None
 

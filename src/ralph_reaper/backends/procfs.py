@@ -22,14 +22,18 @@ _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _STAT_BUF = 4096
 
 
-def _read_stat(pid: int) -> bytes:
-    """``/proc/<pid>/stat`` in one read: a buffered file object costs as much again
-    as the kernel's work, and discovery reads this file more than any other."""
-    fd = os.open(f"/proc/{pid}/stat", _READ_FLAGS)
+def read_short(path: str, size: int = _STAT_BUF) -> bytes:
+    """A short /proc file in one read: a buffered file object costs as much again as
+    the kernel's work, and discovery reads such files (stat above all) all the time."""
+    fd = os.open(path, _READ_FLAGS)
     try:
-        return os.read(fd, _STAT_BUF)
+        return os.read(fd, size)
     finally:
         os.close(fd)
+
+
+def _read_stat(pid: int) -> bytes:
+    return read_short(f"/proc/{pid}/stat")
 
 
 def _read_children(path: str) -> list[int]:
