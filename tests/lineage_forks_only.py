@@ -6,11 +6,15 @@ of its own idle children born before and after each dispatch, every session
 shape is searched and compared with a read of every process: while it runs,
 after its leader is killed (its orphans go past this process to the test
 process, a subreaper and an ancestor) and after the leader is reaped. The
-search must also leave the crowd unread. Every process of a shape is killed
-and waited for here; its pids are printed (``pids ...``) so that the test
-process reaps the ones it adopted. Exits non-zero with the first mismatch.
+search must also leave the crowd unread. With ``late``, this process then
+becomes a subreaper for one more search and stops being one: it catches orphans
+from then on, but those the leader left went past it before, so the search must
+still look above it (and now lists its children, the crowd among them).
+Every process of a shape is killed and waited for here; its pids are printed
+(``pids ...``) so that the test process reaps the ones it adopted. Exits
+non-zero with the first mismatch.
 
-Usage: ``python lineage_forks_only.py BACKEND CROWD``
+Usage: ``python lineage_forks_only.py BACKEND CROWD [late]``
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class Reads:
         backend.proc_stat = counted
 
 
+LATE = sys.argv[3:] == ["late"]
+
+
 def _same(lineage: Lineage, sid: int, reads: Reads, crowd: set[int]) -> None:
     backend = get_backend()
     searched: set[int] = set()
@@ -111,7 +118,8 @@ def _one(shape: Any, reads: Reads, crowd_n: int, old: set[int]) -> None:
     assert pin is not None
     members = Members(backend, pin, "session")
     new = _fork_crowd(crowd_n)  # born after the leader: still never read
-    crowd = old | set(new)
+    # Once a subreaper (late), always one that may have adopted: it lists its children.
+    crowd = set() if LATE else old | set(new)
     announced: list[Pin] = []  # a member may leave the session: killed by its own pin
     try:
         lineage = Lineage.record(backend, leader.pid)
@@ -131,6 +139,12 @@ def _one(shape: Any, reads: Reads, crowd_n: int, old: set[int]) -> None:
         pin.reap_if_child()
         leader.returncode = -9  # reaped through the pin
         _same(lineage, leader.pid, reads, crowd)
+        if LATE:
+            backend.set_child_subreaper(True)
+            try:
+                _same(lineage, leader.pid, reads, crowd)
+            finally:
+                backend.set_child_subreaper(False)
     finally:
         for p in announced:
             p.signal(signal.SIGKILL)

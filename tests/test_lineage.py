@@ -15,15 +15,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from procs import child_env, session, wait_until
 from procs import parent as parent_of
+from ralph_reaper import lineage as lineage_mod
 from ralph_reaper.backends import get as get_backend
 from ralph_reaper.containment import Members, sessions_in_use
-from ralph_reaper.lineage import Lineage, Walk, full_scan_members, sharing
+from ralph_reaper.lineage import Lineage, Walk, adopts_orphans, full_scan_members, sharing
 from ralph_reaper.pins import Pin
 from shapes import SHAPES, WAIT_S, Lines, Shape, kill_all
 
@@ -160,6 +162,57 @@ def test_the_search_finds_what_the_scan_finds(
         os.close(read_fd)
 
 
+def test_a_caller_catching_orphans_since_before_the_leader_reads_nothing_above_itself(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process is a subreaper (conftest.py) from before the leader's birth: the
+    leader's orphans come to it, none can be further up, so neither its parent nor
+    anything above is read, and the search still finds what the scan finds."""
+    adopts_orphans(get_backend())  # a look: seen catching orphans from this tick on
+    tick = _boot_tick()
+    assert wait_until(lambda: _boot_tick() > tick, timeout=WAIT_S)  # born at a later tick
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 30 & sleep 30 & echo $!; exec sleep 30"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert leader.stdout is not None
+    pin = Pin.open(get_backend(), leader.pid)
+    assert pin is not None
+    members = Members(get_backend(), pin, "session")
+    try:
+        lineage = Lineage.record(get_backend(), leader.pid)
+        assert lineage is not None and lineage.ancestors[0][0] == os.getpid()
+        above = {pid for pid, _start in lineage.ancestors[1:]}
+        assert above  # the test process has a parent: something that could be read
+        int(leader.stdout.readline())  # both background children started
+        read: set[int] = set()
+        backend_obj = get_backend()
+        real_stat, real_children = backend_obj.proc_stat, lineage_mod.children_of
+        monkeypatch.setattr(backend_obj, "proc_stat", lambda pid: read.add(pid) or real_stat(pid))
+        monkeypatch.setattr(
+            lineage_mod, "children_of", lambda pid, *a: read.add(pid) or real_children(pid, *a)
+        )
+        pin.signal(signal.SIGKILL)  # its children are orphaned, to this process
+        assert wait_until(lambda: pin.exited(), timeout=WAIT_S)
+        pin.collect()
+        pin.reap_if_child()
+        leader.returncode = -9  # reaped through the pin
+        _same(lineage, leader.pid)
+        assert len(full_scan_members(backend_obj, leader.pid)) == 2
+        assert not read & above, f"read above this process: {sorted(read & above)}"
+    finally:
+        monkeypatch.undo()
+        kill_all(members)
+        leader.returncode = leader.returncode or -9
+        leader.stdout.close()
+
+
+def _boot_tick() -> int:
+    """Now, in the unit of /proc start times."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK") // 10**9
+
+
 def test_a_search_without_lineage_falls_back_to_the_scan(backend: str) -> None:
     """A session whose leader is gone and whose ancestry was never recorded: read whole."""
     leader = subprocess.Popen(
@@ -245,9 +298,22 @@ def test_a_process_that_adopts_no_orphans_never_reads_its_other_children(backend
     """A loop that is no subreaper (the usual case) starts every dispatch from one
     process: its other children, hundreds, are not even listed, and the search
     still finds what the scan finds, orphans included (see lineage_forks_only.py)."""
+    _forks_only(backend)
+
+
+def test_a_subreaper_since_after_the_leader_was_born_still_looks_above_itself(
+    backend: str,
+) -> None:
+    """A caller that has caught orphans since before a leader was born leaves the
+    ancestors above it unread (none of the session's orphans can be there); one that
+    became a subreaper later must not: the leader's orphans went past it before."""
+    _forks_only(backend, "late")
+
+
+def _forks_only(backend: str, *mode: str) -> None:
     script = os.path.join(os.path.dirname(__file__), "lineage_forks_only.py")
     child = subprocess.run(
-        [sys.executable, script, backend, str(NEW_CROWD)],
+        [sys.executable, script, backend, str(NEW_CROWD), *mode],
         capture_output=True,
         env=child_env(),
         timeout=240,

@@ -31,6 +31,12 @@ in the leader's session, and goes unfound (the full scan finds it). Listing
 our children at every walk to catch it cost the monitor's simultaneous stops
 (benchmark S8) three times their time; the keeper, a subreaper, catches it.
 
+When this process is a child subreaper and was one before the leader was
+born, no orphan of the session can have gone past it: its ancestors above it
+(a terminal, init) are left out unread. One that became a subreaper later
+still reads them (its dispatches' earlier orphans went there), and one that is
+not a subreaper at the time of a search reads them too.
+
 A search costs the region it walks: the dispatch's own processes, plus what its
 other ancestors started after it, never the rest of the host. A process that
 adopts orphans (``ralph-reaper run``) lists its children, but leaves out the
@@ -259,7 +265,8 @@ class Lineage:
             found = [pid for pid in walk.session(backend, sid) if pid not in skipped]
             return found[:1] if stop_at_first else found
         own = os.getpid()
-        thresholds = {ancestor: self.starttime for ancestor in self.ancestors}
+        lists_own, catcher = _adopting(backend)
+        thresholds = {ancestor: self.starttime for ancestor in self.region(catcher)}
 
         def leave_out(parent: int, child: int, born: int) -> bool:
             return (
@@ -270,12 +277,31 @@ class Lineage:
             )
 
         found = []
-        for pid, st in _walk(backend, (self,), thresholds, leave_out):
+        for pid, st in _walk(backend, (self,), thresholds, lists_own, leave_out):
             if st.session == sid and pid not in skipped:
                 found.append(pid)
                 if stop_at_first:
                     break
         return found
+
+    def region(self, catcher: Catcher) -> tuple[tuple[int, int], ...]:
+        """The ancestors among whose children the session's processes can be.
+
+        Every one, unless ``catcher`` (see :func:`_adopting`) is one of them and
+        was catching orphans before the leader was born: then no orphan of the
+        session went past it (the kernel hands an orphan to its nearest
+        subreaper, and those below it are recorded too), and the ones above it
+        are left out unread.
+        """
+        if catcher is None:
+            return self.ancestors
+        me, since = catcher
+        if since >= self.starttime:  # the same tick may be later: not before the birth
+            return self.ancestors
+        for i, ancestor in enumerate(self.ancestors):
+            if ancestor == me:
+                return self.ancestors[: i + 1]
+        return self.ancestors
 
     def may_be_members(self, backend: Backend, pids: Iterable[int]) -> list[int]:
         """Those of ``pids`` that may be processes of the leader's session now: not
@@ -301,25 +327,69 @@ class Lineage:
         return walk is not None and walk.covers(self) and walk.saw_alive(sid)
 
 
-#: The pid of the process seen adopting orphans (a forked child has adopted nothing).
-_ADOPTER = 0
+#: Clock ticks (the unit of /proc start times) in a nanosecond.
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+class _Adopting:
+    """What this process was seen doing about orphans, at each look (a prctl).
+
+    ``ever``: it adopted at some look, so a child of it may be one it did not
+    fork (an orphan it took stays its child). ``since``: the boot-time tick by
+    which it was already adopting, for as long as every look since has seen it
+    adopting; None after a look that did not. A flag cleared and set again
+    between two looks goes unseen: only this process can change it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = 0  # a forked child has adopted nothing: it starts afresh
+        self.ever = False
+        self.since: Optional[int] = None
+
+    def look(self, backend: Backend) -> tuple[bool, Optional[int]]:
+        """Look now: ``(ever, since)``."""
+        own = os.getpid()
+        try:
+            now: Optional[bool] = own == 1 or backend.get_child_subreaper()
+        except OSError:
+            now = None  # cannot tell: list our children, but never trust it to catch
+        # Read after the look: the flag was set by then.
+        tick = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // _TICK_NS
+        with self._lock:
+            if own != self._pid:
+                self._pid, self.ever, self.since = own, False, None
+            if now is None or now:
+                self.ever = True
+            if not now:
+                self.since = None
+            elif self.since is None:
+                self.since = tick
+            return self.ever, self.since
+
+
+_ADOPTING = _Adopting()
 
 
 def adopts_orphans(backend: Backend) -> bool:
     """Whether a child of this process may be one it did not fork: it is a child
     subreaper, or the init of its PID namespace, now or at any earlier call (once
     seen, the answer stays: an orphan it adopted stays its child)."""
-    global _ADOPTER
-    own = os.getpid()
-    if own != _ADOPTER:
-        try:
-            adopts = own == 1 or backend.get_child_subreaper()
-        except OSError:
-            adopts = True
-        if not adopts:
-            return False
-        _ADOPTER = own
-    return True
+    return _ADOPTING.look(backend)[0]
+
+
+Catcher = Optional[tuple[tuple[int, int], int]]
+
+
+def _adopting(backend: Backend) -> tuple[bool, Catcher]:
+    """One look: :func:`adopts_orphans`, and the catcher: this process as ``(pid,
+    start time)`` with the tick since which it has caught every orphan of its
+    descendants, or None while it does not."""
+    ever, since = _ADOPTING.look(backend)
+    own = _own_lineage(backend)
+    if since is None or not own:
+        return ever, None
+    return ever, (own[0], since)
 
 
 def _start_reader(backend: Backend) -> Callable[[int], Optional[int]]:
@@ -330,10 +400,26 @@ def _start_reader(backend: Backend) -> Callable[[int], Optional[int]]:
     return start_of
 
 
+def _clock_on_first_use() -> Callable[[], PidClock]:
+    """:data:`CLOCK`, read once at the first call: a walk that finds nothing to look
+    up (no children born since the leader) does not read the allocator."""
+    ticked = False
+
+    def clock() -> PidClock:
+        nonlocal ticked
+        if not ticked:
+            CLOCK.tick()
+            ticked = True
+        return CLOCK
+
+    return clock
+
+
 def _walk(
     backend: Backend,
     seeds: Sequence[Lineage],  # read twice
     thresholds: dict[tuple[int, int], int],
+    lists_own: bool,
     leave_out: Optional[Callable[[int, int, int], bool]] = None,
 ) -> Iterator[tuple[int, ProcStat]]:
     """Every live process of a region, with its stat, parents before children.
@@ -341,12 +427,14 @@ def _walk(
     The region: the subtrees of the children of each ancestor ``(pid, start)``
     of ``thresholds`` born no earlier than its threshold, and the subtrees of
     the seed lineages' leaders (in case a parent could not be recorded).
-    ``leave_out(parent, child, born)`` prunes a child's subtree.
+    ``lists_own``: whether this process's children are listed (it may have
+    adopted some, see :func:`adopts_orphans`). ``leave_out(parent, child,
+    born)`` prunes a child's subtree.
     """
-    CLOCK.tick()
+    clock = _clock_on_first_use()
     start_of = _start_reader(backend)
     # Our own children are the seeds' leaders, and others' (see the module's docstring).
-    own = -1 if adopts_orphans(backend) else os.getpid()
+    own = -1 if lists_own else os.getpid()
     seen: set[int] = {pid for pid, _ in thresholds}
     # (pid, its stat when already read): a seed's, read to check it is the leader.
     frontier: list[tuple[int, Optional[ProcStat]]] = []
@@ -363,8 +451,10 @@ def _walk(
     for (pid, start), threshold in thresholds.items():
         if pid == own:
             continue
-        kids = _ancestor_children(backend, pid, start, (pid, start) in parents, start_of)
-        for child, born in CLOCK.born_since(kids, threshold, start_of):
+        kids = _ancestor_children(backend, pid, start, (pid, start) in parents, clock)
+        if not kids:
+            continue
+        for child, born in clock().born_since(kids, threshold, start_of):
             if child in seen:
                 continue
             seen.add(child)
@@ -390,7 +480,7 @@ def _ancestor_children(
     pid: int,
     start: int,
     is_parent: bool,
-    start_of: Callable[[int], Optional[int]],
+    clock: Callable[[], PidClock],
 ) -> list[int]:
     """The children of ancestor ``(pid, start)`` where a process of the session can be.
 
@@ -403,8 +493,10 @@ def _ancestor_children(
     That spares a multi-threaded init or terminal a read per thread.
     """
     if is_parent:
+        own = _OWN.get(pid)
+        this_process = own is not None and own[0][1] == start  # alive, then
         # Cached: a recycled pid is read again; one gone, not recycled, has no children.
-        if CLOCK.start_of(pid, start_of) != start:
+        if not this_process and clock().start_of(pid, _start_reader(backend)) != start:
             return []  # gone: its children went to an ancestor further up, recorded too
         return children_of(pid)
     kids = children_of(pid, 1)
@@ -456,13 +548,14 @@ class Walk:
         if self._sessions is None:
             self._load()
             thresholds: dict[tuple[int, int], int] = {}
+            lists_own, catcher = _adopting(backend)
             for lin in self._lineages:
-                for ancestor in lin.ancestors:
+                for ancestor in lin.region(catcher):
                     thresholds[ancestor] = min(
                         thresholds.get(ancestor, lin.starttime), lin.starttime
                     )
             sessions: dict[int, list[int]] = {}
-            for pid, st in _walk(backend, self._lineages, thresholds):
+            for pid, st in _walk(backend, self._lineages, thresholds, lists_own):
                 sessions.setdefault(st.session, []).append(pid)
                 if not st.ended:
                     self._alive.add(st.session)
