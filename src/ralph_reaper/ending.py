@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import time
-from dataclasses import replace
 from typing import Any, Optional
 
 from .backends.base import ExitStatus
@@ -124,10 +123,8 @@ def stop_for(w: Watch, reason: str) -> Optional[Stop]:
 
 def finish(w: Watch, outcome: Optional[StopOutcome]) -> DispatchCompletionResult:
     """The result of a watch, once its leader has ended and any stop is over."""
-    if outcome is None:
-        outcome = StopOutcome(True, "not_running")
-    else:  # a stop's outcome may be shared by several faces: each edits its own copy
-        outcome = replace(outcome, stage_ms=dict(outcome.stage_ms), survivors=[*outcome.survivors])
+    # A stop's outcome may be shared by several faces: each edits its own copy.
+    outcome = StopOutcome(True, "not_running") if outcome is None else outcome.copy()
     if outcome.method == "not_running" or w.reason is None:
         w.reason = None
     own = collect_leader(w)  # this face may have reaped it first, with its rusage

@@ -61,6 +61,16 @@ class StopOutcome:
     #: The keeper died without its final report: the host stopped its command's session.
     keeper_lost: bool = False
 
+    def copy(self) -> StopOutcome:
+        """A copy whose containers are its own: one outcome may be shared by several
+        faces, and each edits its copy. (``dataclasses.replace`` walks the fields'
+        metadata at every call: a tenth of the cost of an exit in a burst.)"""
+        new = StopOutcome.__new__(StopOutcome)
+        new.__dict__.update(self.__dict__)
+        new.stage_ms = dict(self.stage_ms)
+        new.survivors = [*self.survivors]
+        return new
+
 
 class Stop:
     """One stop sequence of one dispatch; see the module docstring."""
