@@ -77,3 +77,15 @@ def test_a_batch_runs_inside_what_prepare_gives_for_its_arguments() -> None:
     heap.run_due(run, prepare=prepare)
     assert seen == [[0, 1, 2], [3, 4]]
     assert inside == [True] * 5 and ran == list(range(5))
+
+
+def test_due_args_names_every_live_timer_due_now_and_no_other() -> None:
+    """What a batch's shared walk is made of: the due timers left after a slice."""
+    heap, timers, ran = _due(10)
+    heap.cancel(timers[5])
+    later = heap.schedule(time.monotonic() + 3600.0, ran.append, 99)
+    assert heap.run_due(_call, limit=3) is True
+    assert sorted(heap.due_args()) == [3, 4, 6, 7, 8, 9]
+    heap.cancel(later)
+    assert heap.run_due(_call) is False
+    assert heap.due_args() == []

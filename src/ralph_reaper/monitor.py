@@ -33,17 +33,20 @@ children have a backoff of their own.
 
 No turn of the thread is long: when thousands of timeouts fall at once,
 their stops begin a slice at a time (:data:`SLICE` of them, or
-:data:`SLICE_S` of work), as do the stops that exits move on, and each
-slice shares one walk of its sessions (:class:`~ralph_reaper.lineage.Walk`).
-Between two slices the thread takes in new exits; those of dispatches still
-running (no stop of theirs under way) are reported at once, ahead of the
-stops' work, so a storm of stops never delays the report of another
-dispatch's end by more than a slice. That holds in a process that adopts
-no orphans (the host as it should be: not a subreaper), where a walk costs
-the slice's own trees. In one that does, a walk cannot leave out the trees of
-dispatches it does not know it forked, so it costs every dispatch started
-after the slice's oldest; there a turn takes every due stop in one walk, as
-slicing would pay that walk once per slice.
+:data:`SLICE_S` of work), as do the stops that exits move on. Between two
+slices the thread takes in new exits; those of dispatches still running (no
+stop of theirs under way) are reported at once, ahead of the stops' work.
+Searches made together share one walk of their sessions
+(:class:`~ralph_reaper.lineage.Walk`). In a process that adopts no orphans
+(the host as it should be: not a subreaper) a walk costs its own sessions'
+trees, and each slice has one. In one that does, a walk cannot leave out the
+trees of dispatches it does not know it forked, so it costs every dispatch
+started after the oldest it covers: there the slices of one batch (the
+timers due together, the exits drained together) share the batch's walk,
+and the exits of stopping dispatches wait behind a batch of due timers (at
+most :data:`BACKLOG_WAIT_S`) so that one walk tells them all. Either way a
+storm of stops delays the report of another dispatch's end by a slice, plus,
+where orphans are adopted, by the batch's one walk.
 
 Futures are completed on the monitor thread: done-callbacks run there and must
 not block (``asyncio.wrap_future`` and the waiting helpers here do not).
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import itertools
 import os
 import select
 import threading
@@ -91,6 +95,8 @@ DRAIN_BATCH = 1024
 SLICE = 32
 #: ... or fewer, once a turn's stop work has taken this long.
 SLICE_S = 0.003
+#: The longest the exits of stopping dispatches wait behind a batch of due timers.
+BACKLOG_WAIT_S = 2.0
 #: The longest single epoll wait (epoll_wait takes an int of milliseconds).
 MAX_WAIT_S = 86400.0
 
@@ -182,6 +188,11 @@ class DispatchMonitor:
         #: Stopping entries whose awaited pins exited, not yet told: id -> (entry, pins).
         self._backlog: dict[int, tuple[_Entry, list[Pin]]] = {}
         self._more_due = False
+        #: The walks of the batch of due timers, and of the backlog, being worked
+        #: through a slice a turn (see _batch_walk).
+        self._timer_walk: Optional[Walk] = None
+        self._backlog_walk: Optional[Walk] = None
+        self._backlog_at = 0.0  # when the backlog last began to fill
         self._progress: Optional[Timer] = None
         self._active = 0
         self._epset: Optional[EpollSet] = None
@@ -455,42 +466,83 @@ class DispatchMonitor:
                 self._drain_exits()
             if self._ending:  # the ends of dispatches that were running: reported first
                 self._sweep()
-            if self._backlog:
+            if self._backlog and self._backlog_due():
                 self._tell_stops()
             self._run_timers()
             if self._close_mode is not None and self._active == 0:
                 return
 
-    def _slice(self) -> tuple[Optional[int], Optional[float]]:
-        """How much stop work a turn takes: a slice, or all (see the module docstring)."""
-        if adopts_orphans(self._backend):
-            return None, None
-        return SLICE, time.monotonic() + SLICE_S
-
     def _run_timers(self) -> None:
         """One slice of the due timers. The stops they begin or move on share one walk
-        of their sessions' regions (timeouts that fall together: not N walks of N)."""
-        limit, until = self._slice()
+        of their sessions' regions, with the slices after it (timeouts that fall
+        together: not N walks of N)."""
+        if not self._more_due:
+            self._timer_walk = None  # the last batch is done: the next one walks afresh
         self._more_due = self._timers.run_due(
             self._run_timer,
-            limit,
-            until,
-            prepare=lambda args: sharing(Walk(lambda: self._lineages(args))),
+            SLICE,
+            time.monotonic() + SLICE_S,
+            prepare=lambda args: sharing(self._timers_walk(args)),
         )
 
+    def _timers_walk(self, args: list[Any]) -> Walk:
+        """The walk for a slice of due timers: the slice's own; where orphans are
+        adopted, the batch's if it covers the slice, else a new one of every timer
+        due now (this slice's and the rest)."""
+        if not adopts_orphans(self._backend):
+            return Walk(lambda: self._lineages(args))
+        walk = self._timer_walk
+        if walk is None or not self._covers(walk, args):
+            due = [*args, *self._timers.due_args()]
+            walk = self._timer_walk = Walk(lambda: self._lineages(due))
+        return walk
+
     def _tell_stops(self) -> None:
-        """One slice of the backlog: stops told of their members' exits, sharing a walk."""
-        limit, until = self._slice()
-        batch = []
-        for key in list(self._backlog)[:limit]:
-            batch.append(self._backlog.pop(key))
-        with sharing(Walk(self._lineages(entry for entry, _ in batch))):
-            for i, (entry, pins) in enumerate(batch):
-                if i and until is not None and time.monotonic() >= until:  # the rest, in front
-                    rest = {id(e): (e, p) for e, p in batch[i:]}
-                    self._backlog = {**rest, **self._backlog}
-                    return
+        """One slice of the backlog: stops told of their members' exits.
+
+        Where orphans are adopted, a walk serves the backlog as it stood when
+        the walk was made, a slice a turn; entries that came in after it wait
+        behind them for the next walk: one walk per generation of exits, not
+        one per slice. Elsewhere each slice has a walk of its own.
+        """
+        until = time.monotonic() + SLICE_S
+        batch_walks = adopts_orphans(self._backend)
+        walk = self._backlog_walk if batch_walks else None
+        if walk is None or not self._covers(walk, [self._backlog[next(iter(self._backlog))][0]]):
+            entries = (entry for entry, _ in self._backlog.values())
+            backlog = list(entries if batch_walks else itertools.islice(entries, SLICE))
+            walk = Walk(lambda: self._lineages(backlog))
+            self._backlog_walk = walk if batch_walks else None
+        with sharing(walk):
+            for i in range(SLICE):
+                if not self._backlog or (i and time.monotonic() >= until):
+                    break
+                key = next(iter(self._backlog))
+                entry, pins = self._backlog[key]
+                if not self._covers(walk, [entry]):  # came in after the walk: the next one's
+                    break
+                del self._backlog[key]
                 self._safely(entry, self._exited, entry, pins)
+        if not self._backlog:
+            self._backlog_walk = None
+
+    def _backlog_due(self) -> bool:
+        """Whether the backlog's turn has come (a slice of it each turn).
+
+        Where orphans are adopted it waits behind a batch of due timers
+        (thousands of timeouts at once): their stops begin first and their
+        members' exits gather, then one walk tells them all, where telling them
+        between slices would walk every dispatch again for every few exits that
+        came in. Never for longer than BACKLOG_WAIT_S.
+        """
+        return (
+            not self._more_due
+            or time.monotonic() - self._backlog_at >= BACKLOG_WAIT_S
+            or not adopts_orphans(self._backend)
+        )
+
+    def _covers(self, walk: Walk, entries: Iterable[Any]) -> bool:
+        return all(walk.covers(lineage) for lineage in self._lineages(entries))
 
     def _tell_stop(self, entry: _Entry) -> None:
         """Before a stop of ``entry`` acts: tell it of exits still in the backlog."""
@@ -554,6 +606,8 @@ class DispatchMonitor:
         if entry.state == _STOPPING:
             held = self._backlog.get(id(entry))
             if held is None:
+                if not self._backlog:
+                    self._backlog_at = time.monotonic()
                 self._backlog[id(entry)] = (entry, pins)
             else:
                 held[1].extend(pins)

@@ -50,6 +50,11 @@ class TimerHeap:
             self._stale -= 1
         return heap[0][0] if heap else None
 
+    def due_args(self) -> list[Any]:
+        """The arguments of every live timer due now (a scan of the heap)."""
+        now = time.monotonic()
+        return [e[3] for e in self._heap if e[2] is not None and e[0] <= now]
+
     def run_due(
         self,
         run: Callable[[Callable[[Any], None], Any], None],
