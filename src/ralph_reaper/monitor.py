@@ -25,8 +25,9 @@ epoll set and its deadline into the same timer heap, so any number of stops
 (keeper stops too: a message on the keeper's control pipe, then its pidfd)
 run at once, interleaved with exit detection of every other dispatch.
 Without pidfds (the polling backend) or for a pin without one (out of file
-descriptors) one timer of the heap checks every such pin of the monitor
-together (:class:`~ralph_reaper.polled.Polled`): a single ``waitid`` peek says
+descriptors) every such pin of the monitor is checked together
+(:class:`~ralph_reaper.polled.Polled`) when its round is due, in the turn's
+intake of exits, ahead of the turn's timers: a single ``waitid`` peek says
 whether any of our children exited, so ten thousand idle dispatches cost one
 syscall a round, not ten thousand ``/proc`` reads; pins that are not our
 children have a backoff of their own.
@@ -181,7 +182,6 @@ class DispatchMonitor:
         self._timers = TimerHeap()
         #: Every pin without a pidfd, behind one timer: the next check of any.
         self._polled: Polled[_Entry] = Polled()
-        self._poll_timer: Optional[Timer] = None
         self._tokens: dict[int, _Entry] = {}
         self._next_token = 1
         self._ending: list[_Entry] = []
@@ -395,9 +395,10 @@ class DispatchMonitor:
     def _timeout(self) -> Optional[float]:
         if self._ending or self._backlog or self._more_due:
             return 0.0
-        due = self._timers.next_due()
-        if due is None:
+        dues = [d for d in (self._timers.next_due(), self._polled.next_due()) if d is not None]
+        if not dues:
             return None
+        due = min(dues)
         return min(MAX_WAIT_S, max(0.0, due - time.monotonic()))
 
     def _wait(self, timeout: Optional[float]) -> list[tuple[int, int]]:
@@ -428,7 +429,6 @@ class DispatchMonitor:
                 return
         entry.slow.append(pin)
         self._polled.add(pin, entry, time.monotonic())
-        self._arm_poll()
 
     def _unregister_all(self, entry: _Entry) -> None:
         for token, pin in entry.tokens.items():
@@ -464,6 +464,8 @@ class DispatchMonitor:
                 self._take_inbox()
             if inner:
                 self._drain_exits()
+            if self._poll_due():
+                self._safely(None, self._poll)
             if self._ending:  # the ends of dispatches that were running: reported first
                 self._sweep()
             if self._backlog and self._backlog_due():
@@ -617,38 +619,29 @@ class DispatchMonitor:
     def _run_timer(self, fn: Callable[[Any], None], arg: Any) -> None:
         self._safely(arg if isinstance(arg, _Entry) else None, fn, arg)
 
-    def _arm_poll(self) -> None:
-        """Keep the one polling timer at the polled set's next due check (or earlier)."""
-        due = self._polled.next_due()
-        timer = self._poll_timer
-        if timer is not None and timer[2] is not None:
-            if due is None or timer[0] <= due:
-                return  # early is harmless: it checks nothing and re-arms
-            self._timers.cancel(timer)
-        self._poll_timer = None if due is None else self._timers.schedule(due, self._poll, None)
-
-    def _poll(self, _arg: Any) -> None:
+    def _poll(self) -> None:
         """Polling path: the due checks of every pin without a pidfd, in one round.
 
-        Exited pins come back collected; each entry then hears of its own, as
-        from its own timer before, and a pin whose check raised fails its
-        entry alone.
+        Taken in with the drained exits, ahead of the turn's stop work (not a
+        timer behind thousands of due deadlines). Exited pins come back
+        collected; each entry then hears of its own, and a pin whose check
+        raised fails its entry alone.
         """
-        self._poll_timer = None
-        try:
-            found, failed = self._polled.check(time.monotonic(), collect=True)
-            for entry, _pin, exc in failed:
-                if entry.state != _DONE:
-                    self._fail(entry, exc)
-            gone: dict[int, tuple[_Entry, list[Pin]]] = {}
-            for entry, pin in found:
-                gone.setdefault(id(entry), (entry, []))[1].append(pin)
-            for entry, pins in gone.values():
-                ids = {id(p) for p in pins}
-                entry.slow = [p for p in entry.slow if id(p) not in ids]
-                self._took_exits(entry, pins)
-        finally:
-            self._arm_poll()
+        found, failed = self._polled.check(time.monotonic(), collect=True)
+        for entry, _pin, exc in failed:
+            if entry.state != _DONE:
+                self._fail(entry, exc)
+        gone: dict[int, tuple[_Entry, list[Pin]]] = {}
+        for entry, pin in found:
+            gone.setdefault(id(entry), (entry, []))[1].append(pin)
+        for entry, pins in gone.values():
+            ids = {id(p) for p in pins}
+            entry.slow = [p for p in entry.slow if id(p) not in ids]
+            self._took_exits(entry, pins)
+
+    def _poll_due(self) -> bool:
+        due = self._polled.next_due()
+        return due is not None and due <= time.monotonic()
 
     # ------------------------------------------------------------------ watches
 
