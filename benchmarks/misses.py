@@ -21,7 +21,8 @@ WHY: list[tuple[str, str]] = [
         "The floor is a C loop blocked in waitid on one pid. A wait of ours pins the "
         "process (pidfd, ancestry), wakes from epoll, reaps with rusage and builds the "
         "result in Python, and with stop_leftovers searches the session for leftovers: "
-        "a children file and a stat for each of the leader's ancestors but this process "
+        "this process's children file (it is a subreaper, from before the leader's "
+        "birth, so nothing above it is read) and the stat of each child born since "
         "(see the stop_leftovers=False rows for the part that is). Python's own "
         "os.waitpid is already above the floor. A wait path that returns the finished "
         "result from one C call was not built.",
@@ -96,17 +97,19 @@ WHY: list[tuple[str, str]] = [
     (
         "S8 native, host a subreaper",
         "A process that adopts orphans cannot tell a child it forked from an adopted "
-        "one, so a search cannot leave out the other dispatches' trees and costs every "
-        "dispatch started after the one searched; its monitor takes every due stop in "
-        "one walk per turn, and other exits wait for that turn. The host of design "
-        "section 5 is no subreaper (the rows above).",
+        "one, so a walk cannot leave out the other dispatches' trees and costs every "
+        "dispatch started after the oldest it covers; its monitor has the slices of a "
+        "batch of stops share one walk, read in one step, and other exits wait for that "
+        "step. The host of design section 5 is no subreaper (the rows above).",
     ),
     (
         "S8 polling",
-        "Without pidfds exits are found by polling rounds; while thousands of exits "
-        "arrive at once a round costs more and the interval between rounds is stretched "
-        "to keep the polling's share of a core bounded (ralph_reaper.polled), so other "
-        "exits wait for the next round.",
+        "Without pidfds exits are found by polling rounds, taken between the storm's "
+        "slices: a round's waitid gate walks all of this process's thousands of "
+        "children in the kernel, once per exit it names, and each exit costs a /proc "
+        "read; the interval between rounds is stretched to keep their share of a core "
+        "bounded (ralph_reaper.polled), so other exits wait up to a round, and the "
+        "storm's stops begin more slowly for the rounds between its slices.",
     ),
     (
         "S8 ",
