@@ -66,17 +66,16 @@ def _subreaper() -> None:
 
 @pytest.fixture(autouse=True)
 def monitor_slices(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DispatchMonitor takes its stop work a slice at a time in a process that adopts no
-    orphans, as a loop's host does; this test process is a subreaper (above), where it
-    takes all at once. So the monitor slices here too, in slices of 3, so that a test
-    with a few dispatches already crosses slices; tests marked ``unsliced`` keep the
-    subreaper's way."""
-    if request.node.get_closest_marker("unsliced") is not None:
-        return
+    """DispatchMonitor takes its stop work a slice at a time, in slices of 3 here, so that
+    a test with a few dispatches already crosses slices. It runs as in a process that
+    adopts no orphans, as a loop's host does (each slice walks its own sessions), though
+    this test process is a subreaper (above); tests marked ``adopting`` keep the
+    subreaper's way (the slices of a batch share its walk, exits wait behind timers)."""
     from ralph_reaper import monitor
 
-    monkeypatch.setattr(monitor, "adopts_orphans", lambda _backend: False)
     monkeypatch.setattr(monitor, "SLICE", 3)
+    if request.node.get_closest_marker("adopting") is None:
+        monkeypatch.setattr(monitor, "adopts_orphans", lambda _backend: False)
 
 
 @pytest.fixture(autouse=True)

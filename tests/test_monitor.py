@@ -204,13 +204,14 @@ def test_bad_input(backend: str, kids: Kids) -> None:
 # Timeouts and stops
 
 
-#: Stop work a slice at a time (a host that adopts no orphans), or all of it per turn.
-SLICING = [pytest.param("sliced"), pytest.param("unsliced", marks=pytest.mark.unsliced)]
+#: The monitor of a host that adopts no orphans (a walk per slice), or of one that does
+#: (the slices of a batch share its walk; stopping dispatches' exits wait behind timers).
+HOSTS = [pytest.param("forks-only"), pytest.param("adopting", marks=pytest.mark.adopting)]
 
 
-@pytest.mark.parametrize("slicing", SLICING)
+@pytest.mark.parametrize("host", HOSTS)
 def test_timeouts_do_not_hold_up_other_dispatches(
-    backend: str, kids: Kids, gate: Gate, slicing: str
+    backend: str, kids: Kids, gate: Gate, host: str
 ) -> None:
     """A stop stuck in an hour-long grace period; meanwhile 20 other timeouts and 100
     exits are all handled. Only then is the stuck one escalated to SIGKILL."""
@@ -280,8 +281,8 @@ def test_terminate_a_running_dispatch(backend: str, kids: Kids) -> None:
         assert all(f.result().termination_method == "sigterm" for f in futures[1:])
 
 
-@pytest.mark.parametrize("slicing", SLICING)
-def test_close_stops_every_running_tree(backend: str, kids: Kids, slicing: str) -> None:
+@pytest.mark.parametrize("host", HOSTS)
+def test_close_stops_every_running_tree(backend: str, kids: Kids, host: str) -> None:
     started = [tree(kids) for _ in range(10)]
     monitor = DispatchMonitor()
     futures = [monitor.watch(dispatch(p.pid), "pt-1") for p in started]
