@@ -234,7 +234,8 @@ def test_one_walk_for_several_sessions_finds_what_the_scan_finds(
     backend: str, crowds: list[Crowd]
 ) -> None:
     """Searches made together share one walk of the union of their regions
-    (timeouts that fall at once): each session gets exactly its own processes."""
+    (timeouts that fall at once): each session gets exactly its own processes, from a
+    walk read at once or in steps (a monitor's, between which it takes in exits)."""
     shapes = SESSION_SHAPES[:6]
     started: list[tuple[subprocess.Popen[bytes], Members, int]] = []
     try:
@@ -249,12 +250,18 @@ def test_one_walk_for_several_sessions_finds_what_the_scan_finds(
         assert all(lineage is not None for lineage in lineages)
         for _ in range(50):  # read again while a tree still moves
             walk = Walk([lineage for lineage in lineages if lineage is not None])
+            stepped = Walk([lineage for lineage in lineages if lineage is not None])
             scans = [set(full_scan_members(get_backend(), p.pid)) for p, _, _ in started]
             walked = [set(walk.session(get_backend(), p.pid)) for p, _, _ in started]
+            steps = 1
+            while not stepped.advance(get_backend(), until=0.0):  # one process a step
+                steps += 1
+            in_steps = [set(stepped.session(get_backend(), p.pid)) for p, _, _ in started]
             rescans = [set(full_scan_members(get_backend(), p.pid)) for p, _, _ in started]
-            if scans == walked == rescans:
+            if scans == walked == in_steps == rescans:
                 break
         assert walked == scans
+        assert in_steps == scans and steps > len(shapes)  # read over many steps
         sids = {p.pid: m.lineage for p, m, _ in started}
         expected = {p.pid for p, _, _ in started if full_scan_members(get_backend(), p.pid)}
         assert sessions_in_use(get_backend(), sids) == expected

@@ -131,10 +131,22 @@ class PidClock:
     def born_since(
         self, pids: Iterable[int], threshold: int, read: Callable[[int], Optional[int]]
     ) -> list[tuple[int, int]]:
-        """``(pid, start time)`` of those of ``pids`` born at ``threshold`` or later.
+        """``(pid, start time)`` of those of ``pids`` born at ``threshold`` or later."""
+        known, unknown = self.cached_born_since(pids, threshold)
+        for pid in unknown:
+            born = self.start_of(pid, read)
+            if born is not None and born >= threshold:
+                known.append((pid, born))
+        return known
 
-        :meth:`start_of` for many pids under one lock: an ancestor such as init
-        may have thousands of children, nearly all born long before.
+    def cached_born_since(
+        self, pids: Iterable[int], threshold: int
+    ) -> tuple[list[tuple[int, int]], list[int]]:
+        """Those of ``pids`` the cache says were born at ``threshold`` or later, with
+        their start times, and those it cannot tell of (to be read: :meth:`start_of`).
+
+        Many pids under one lock: an ancestor such as init may have thousands of
+        children, nearly all born long before.
         """
         known: list[tuple[int, int]] = []
         unknown: list[int] = []
@@ -152,11 +164,7 @@ class PidClock:
                             known.append((pid, entry[0]))
                         continue
                 unknown.append(pid)
-        for pid in unknown:
-            born = self.start_of(pid, read)
-            if born is not None and born >= threshold:
-                known.append((pid, born))
-        return known
+        return known, unknown
 
     def _valid(self, pid: int, entry: tuple[int, int, int]) -> bool:
         _start, last_then, epoch = entry
@@ -277,7 +285,10 @@ class Lineage:
             )
 
         found = []
-        for pid, st in _walk(backend, (self,), thresholds, lists_own, leave_out):
+        for item in _walk(backend, (self,), thresholds, lists_own, leave_out):
+            if item is None:
+                continue
+            pid, st = item
             if st.session == sid and pid not in skipped:
                 found.append(pid)
                 if stop_at_first:
@@ -421,8 +432,9 @@ def _walk(
     thresholds: dict[tuple[int, int], int],
     lists_own: bool,
     leave_out: Optional[Callable[[int, int, int], bool]] = None,
-) -> Iterator[tuple[int, ProcStat]]:
-    """Every live process of a region, with its stat, parents before children.
+) -> Iterator[Optional[tuple[int, ProcStat]]]:
+    """Every live process of a region, with its stat, parents before children; None
+    between reads that found nothing to report, where a reader may pause.
 
     The region: the subtrees of the children of each ancestor ``(pid, start)``
     of ``thresholds`` born no earlier than its threshold, and the subtrees of
@@ -445,6 +457,7 @@ def _walk(
         if lead is not None and lead.starttime == seed.starttime:
             seen.add(seed.leader)
             frontier.append((seed.leader, lead))
+        yield None
     # The leaders' parents: a leader's clone(CLONE_PARENT) children are theirs too,
     # children of whichever of their threads forked the leader.
     parents = {seed.ancestors[0] for seed in seeds if seed.ancestors}
@@ -454,7 +467,13 @@ def _walk(
         kids = _ancestor_children(backend, pid, start, (pid, start) in parents, clock)
         if not kids:
             continue
-        for child, born in clock().born_since(kids, threshold, start_of):
+        born_since, unread = clock().cached_born_since(kids, threshold)
+        for child in unread:  # not cached (a cold cache: thousands): a step each
+            born = clock().start_of(child, start_of)
+            if born is not None and born >= threshold:
+                born_since.append((child, born))
+            yield None
+        for child, born in born_since:
             if child in seen:
                 continue
             seen.add(child)
@@ -532,6 +551,9 @@ class Walk:
         self._lineages: list[Lineage] = []
         self._sessions: Optional[dict[int, list[int]]] = None
         self._alive: set[int] = set()
+        #: A reading under way (see advance): the walk, and what it found so far.
+        self._reading: Optional[Iterator[Optional[tuple[int, ProcStat]]]] = None
+        self._found: dict[int, list[int]] = {}
 
     def _load(self) -> set[tuple[int, int]]:
         if self._keys is None:
@@ -545,22 +567,42 @@ class Walk:
 
     def session(self, backend: Backend, sid: int) -> list[int]:
         """The processes of session ``sid`` the walk found (read on first use)."""
-        if self._sessions is None:
+        self.advance(backend)
+        assert self._sessions is not None
+        return self._sessions.get(sid, [])
+
+    def advance(self, backend: Backend, until: Optional[float] = None) -> bool:
+        """Read on until the clock passes ``until`` (None: to the end); whether the
+        walk is read. A caller with other work (a monitor's exits) reads a long walk
+        in steps: each process is read, parents before children, as in one go, only
+        over a longer time (which :meth:`saw_alive` already allows for)."""
+        if self._sessions is not None:
+            return True
+        if self._reading is None:
             self._load()
-            thresholds: dict[tuple[int, int], int] = {}
-            lists_own, catcher = _adopting(backend)
-            for lin in self._lineages:
-                for ancestor in lin.region(catcher):
-                    thresholds[ancestor] = min(
-                        thresholds.get(ancestor, lin.starttime), lin.starttime
-                    )
-            sessions: dict[int, list[int]] = {}
-            for pid, st in _walk(backend, self._lineages, thresholds, lists_own):
-                sessions.setdefault(st.session, []).append(pid)
+            self._reading = self._read(backend)
+        found = self._found
+        for item in self._reading:
+            if item is not None:
+                pid, st = item
+                found.setdefault(st.session, []).append(pid)
                 if not st.ended:
                     self._alive.add(st.session)
-            self._sessions = sessions
-        return self._sessions.get(sid, [])
+            if until is not None and time.monotonic() >= until:
+                return False
+        self._sessions, self._reading = found, None
+        return True
+
+    def _read(self, backend: Backend) -> Iterator[Optional[tuple[int, ProcStat]]]:
+        """The walk of the union of the lineages' regions (see :func:`_walk`)."""
+        thresholds: dict[tuple[int, int], int] = {}
+        lists_own, catcher = _adopting(backend)
+        for i, lin in enumerate(self._lineages):
+            for ancestor in lin.region(catcher):
+                thresholds[ancestor] = min(thresholds.get(ancestor, lin.starttime), lin.starttime)
+            if i % 256 == 255:
+                yield None
+        yield from _walk(backend, self._lineages, thresholds, lists_own)
 
     def saw_alive(self, sid: int) -> bool:
         """Whether the walk, once taken, saw a process of session ``sid`` alive."""

@@ -478,12 +478,20 @@ class DispatchMonitor:
         """One slice of the due timers. The stops they begin or move on share one walk
         of their sessions' regions, with the slices after it (timeouts that fall
         together: not N walks of N)."""
+        until = time.monotonic() + SLICE_S
         if not self._more_due:
             self._timer_walk = None  # the last batch is done: the next one walks afresh
+            due = self._timers.next_due()
+            if due is not None and due <= time.monotonic() and adopts_orphans(self._backend):
+                self._timers_walk([])  # the new batch's
+        walk = self._timer_walk
+        if walk is not None and not walk.advance(self._backend, until):
+            self._more_due = True  # read in steps: other exits are taken in between
+            return
         self._more_due = self._timers.run_due(
             self._run_timer,
             SLICE,
-            time.monotonic() + SLICE_S,
+            until,
             prepare=lambda args: sharing(self._timers_walk(args)),
         )
 
@@ -515,6 +523,8 @@ class DispatchMonitor:
             backlog = list(entries if batch_walks else itertools.islice(entries, SLICE))
             walk = Walk(lambda: self._lineages(backlog))
             self._backlog_walk = walk if batch_walks else None
+        if batch_walks and not walk.advance(self._backend, until):
+            return  # read in steps: other exits are taken in between
         with sharing(walk):
             for i in range(SLICE):
                 if not self._backlog or (i and time.monotonic() >= until):
