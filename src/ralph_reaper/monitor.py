@@ -45,9 +45,9 @@ trees of dispatches it does not know it forked, so it costs every dispatch
 started after the oldest it covers: there the slices of one batch (the
 timers due together, the exits drained together) share the batch's walk,
 and the exits of stopping dispatches wait behind a batch of due timers (at
-most :data:`BACKLOG_WAIT_S`) so that one walk tells them all. Either way a
-storm of stops delays the report of another dispatch's end by a slice, plus,
-where orphans are adopted, by the batch's one walk.
+most :data:`BACKLOG_WAIT_S`) so that one walk tells them all; such a walk is
+read a slice of time a turn. Either way a storm of stops delays the report of
+another dispatch's end by about a slice.
 
 Futures are completed on the monitor thread: done-callbacks run there and must
 not block (``asyncio.wrap_future`` and the waiting helpers here do not).
@@ -180,7 +180,7 @@ class DispatchMonitor:
         self._futures: weakref.WeakSet[cf.Future[DispatchCompletionResult]] = weakref.WeakSet()
         # Owned by the monitor thread:
         self._timers = TimerHeap()
-        #: Every pin without a pidfd, behind one timer: the next check of any.
+        #: Every pin without a pidfd, checked in rounds taken in with the exits.
         self._polled: Polled[_Entry] = Polled()
         self._tokens: dict[int, _Entry] = {}
         self._next_token = 1
@@ -188,8 +188,8 @@ class DispatchMonitor:
         #: Stopping entries whose awaited pins exited, not yet told: id -> (entry, pins).
         self._backlog: dict[int, tuple[_Entry, list[Pin]]] = {}
         self._more_due = False
-        #: The walks of the batch of due timers, and of the backlog, being worked
-        #: through a slice a turn (see _batch_walk).
+        #: Where orphans are adopted: the walks of the batch of due timers, and of
+        #: the backlog, worked through a slice a turn (see _batch_walks).
         self._timer_walk: Optional[Walk] = None
         self._backlog_walk: Optional[Walk] = None
         self._backlog_at = 0.0  # when the backlog last began to fill
@@ -482,7 +482,7 @@ class DispatchMonitor:
         if not self._more_due:
             self._timer_walk = None  # the last batch is done: the next one walks afresh
             due = self._timers.next_due()
-            if due is not None and due <= time.monotonic() and adopts_orphans(self._backend):
+            if due is not None and due <= time.monotonic() and self._batch_walks():
                 self._timers_walk([])  # the new batch's
         walk = self._timer_walk
         if walk is not None and not walk.advance(self._backend, until):
@@ -499,7 +499,7 @@ class DispatchMonitor:
         """The walk for a slice of due timers: the slice's own; where orphans are
         adopted, the batch's if it covers the slice, else a new one of every timer
         due now (this slice's and the rest)."""
-        if not adopts_orphans(self._backend):
+        if not self._batch_walks():
             return Walk(lambda: self._lineages(args))
         walk = self._timer_walk
         if walk is None or not self._covers(walk, args):
@@ -516,7 +516,7 @@ class DispatchMonitor:
         one per slice. Elsewhere each slice has a walk of its own.
         """
         until = time.monotonic() + SLICE_S
-        batch_walks = adopts_orphans(self._backend)
+        batch_walks = self._batch_walks()
         walk = self._backlog_walk if batch_walks else None
         if walk is None or not self._covers(walk, [self._backlog[next(iter(self._backlog))][0]]):
             entries = (entry for entry, _ in self._backlog.values())
@@ -550,8 +550,14 @@ class DispatchMonitor:
         return (
             not self._more_due
             or time.monotonic() - self._backlog_at >= BACKLOG_WAIT_S
-            or not adopts_orphans(self._backend)
+            or not self._batch_walks()
         )
+
+    def _batch_walks(self) -> bool:
+        """Whether the slices of a batch share its walk: in a process that adopts
+        orphans, where any walk costs every dispatch started after the oldest it
+        covers (see the module docstring); elsewhere a slice walks its own."""
+        return adopts_orphans(self._backend)
 
     def _covers(self, walk: Walk, entries: Iterable[Any]) -> bool:
         return all(walk.covers(lineage) for lineage in self._lineages(entries))
