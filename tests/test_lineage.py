@@ -11,6 +11,7 @@ an ancestor of the leader, where the search must look.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -211,6 +212,60 @@ def test_a_caller_catching_orphans_since_before_the_leader_reads_nothing_above_i
 def _boot_tick() -> int:
     """Now, in the unit of /proc start times."""
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK") // 10**9
+
+
+def test_a_member_that_exits_as_the_search_passes_does_not_hide_its_child(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member exits after the search listed it among this process's children and
+    before it read the member's own: its child went to this process (a subreaper), in
+    a list already read. The exit is made to fall exactly there: the member is killed
+    (our own child, by its pid) from inside the search's read of its stat."""
+    leader = subprocess.Popen(
+        ["sh", "-c", 'sh -c "sleep 30 & echo \\$!; wait" & echo $!; wait'],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert leader.stdout is not None
+    pin = Pin.open(get_backend(), leader.pid)
+    assert pin is not None
+    pids = [int(leader.stdout.readline()) for _ in range(2)]  # in either order
+    member = next(p for p in pids if parent_of(p) == leader.pid)
+    grandchild = next(p for p in pids if p != member)
+    lineage = Lineage.record(get_backend(), leader.pid)
+    assert lineage is not None
+    sid = leader.pid
+    pin.signal(signal.SIGKILL)
+    assert wait_until(lambda: pin.exited(), timeout=WAIT_S)
+    pin.collect()
+    pin.reap_if_child()
+    leader.returncode = -9  # reaped through the pin
+    assert wait_until(lambda: parent_of(member) == os.getpid(), timeout=WAIT_S)
+    members = Members(get_backend(), None, "session", session=sid, lineage=lineage)
+    backend_obj = get_backend()
+    real_stat = backend_obj.proc_stat
+    killed: list[int] = []
+
+    def stat(pid: int) -> object:
+        if pid == member and not killed:
+            killed.append(pid)
+            os.kill(member, signal.SIGKILL)  # our unreaped child: the pid is its own
+            assert wait_until(lambda: parent_of(grandchild) == os.getpid(), timeout=WAIT_S)
+        return real_stat(pid)
+
+    try:
+        monkeypatch.setattr(backend_obj, "proc_stat", stat)
+        live = members.discover_live()
+        monkeypatch.undo()
+        assert killed == [member]
+        assert [p.pid for p in live] == [grandchild]
+    finally:
+        monkeypatch.undo()
+        kill_all(members)
+        pin.close()
+        leader.stdout.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(member, 0)
 
 
 def test_a_search_without_lineage_falls_back_to_the_scan(backend: str) -> None:

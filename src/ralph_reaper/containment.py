@@ -24,6 +24,8 @@ from .pins import Pin
 from .validation import is_ancestor
 
 CONTAINMENTS = ("session", "pid")
+#: How many more searches a discovery makes while each finds only exited members.
+MOVING_ROUNDS = 8
 #: pidfd_send_signal flag: the process group of the pidfd's process (Linux >= 6.9).
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
 
@@ -109,8 +111,16 @@ class Members:
     def discover_live(self) -> list[Pin]:
         """Discover, then the live members. Through a walk shared with other searches
         that saw a member alive, "none is left" is not believed: the session is
-        searched again afresh (see :class:`.lineage.Walk`)."""
-        self.discover()
+        searched again afresh (see :class:`.lineage.Walk`).
+
+        Nor is it when the search found new members that have all exited: one
+        that exits while the search passes hands its children to its reaper
+        (this process, an ancestor), whose children may have been read before
+        (a process that forks and exits in a loop does it all the time). Then
+        the session is searched again, up to :data:`MOVING_ROUNDS` times, until
+        a search adds nothing or finds one alive.
+        """
+        added = self.discover()
         live = self.live()
         if (
             not live
@@ -118,8 +128,13 @@ class Members:
             and self.session is not None
             and self.lineage.shared_may_be_stale(self.session)
         ):
-            self.discover(fresh=True)
+            added += self.discover(fresh=True)
             live = self.live()
+        rounds = 0
+        while not live and added and rounds < MOVING_ROUNDS:
+            added = self.discover(fresh=True)
+            live = self.live()
+            rounds += 1
         return live
 
     def session_members(self, fresh: bool = False) -> list[int]:
