@@ -338,7 +338,7 @@ class Lineage:
         return walk is not None and walk.covers(self) and walk.saw_alive(sid)
 
 
-#: Clock ticks (the unit of /proc start times) in a nanosecond.
+#: Nanoseconds in a clock tick (the unit of /proc start times).
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
