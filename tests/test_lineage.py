@@ -128,6 +128,24 @@ def _start(shape: Shape) -> tuple[subprocess.Popen[bytes], Pin, int]:
     return leader, pin, read_fd
 
 
+def _piped(cmd: list[str]) -> tuple[subprocess.Popen[bytes], Pin]:
+    """``cmd`` as a leader in a session of its own, its stdout a pipe to us, pinned."""
+    leader = subprocess.Popen(cmd, stdout=subprocess.PIPE, start_new_session=True)
+    assert leader.stdout is not None
+    pin = Pin.open(get_backend(), leader.pid)
+    assert pin is not None
+    return leader, pin
+
+
+def _kill_leader(leader: subprocess.Popen[bytes], pin: Pin) -> None:
+    """SIGKILL the leader, reap it through its pin: its children are orphaned, to us."""
+    pin.signal(signal.SIGKILL)
+    assert wait_until(lambda: pin.exited(), timeout=WAIT_S)
+    pin.collect()
+    pin.reap_if_child()
+    leader.returncode = -9  # reaped through the pin
+
+
 @pytest.mark.parametrize("shape", SESSION_SHAPES, ids=repr)
 def test_the_search_finds_what_the_scan_finds(
     backend: str, shape: Shape, crowds: list[Crowd]
@@ -172,14 +190,8 @@ def test_a_caller_catching_orphans_since_before_the_leader_reads_nothing_above_i
     adopts_orphans(get_backend())  # a look: seen catching orphans from this tick on
     tick = _boot_tick()
     assert wait_until(lambda: _boot_tick() > tick, timeout=WAIT_S)  # born at a later tick
-    leader = subprocess.Popen(
-        ["sh", "-c", "sleep 30 & sleep 30 & echo $!; exec sleep 30"],
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
+    leader, pin = _piped(["sh", "-c", "sleep 30 & sleep 30 & echo $!; exec sleep 30"])
     assert leader.stdout is not None
-    pin = Pin.open(get_backend(), leader.pid)
-    assert pin is not None
     members = Members(get_backend(), pin, "session")
     try:
         lineage = Lineage.record(get_backend(), leader.pid)
@@ -194,11 +206,7 @@ def test_a_caller_catching_orphans_since_before_the_leader_reads_nothing_above_i
         monkeypatch.setattr(
             lineage_mod, "children_of", lambda pid, *a: read.add(pid) or real_children(pid, *a)
         )
-        pin.signal(signal.SIGKILL)  # its children are orphaned, to this process
-        assert wait_until(lambda: pin.exited(), timeout=WAIT_S)
-        pin.collect()
-        pin.reap_if_child()
-        leader.returncode = -9  # reaped through the pin
+        _kill_leader(leader, pin)
         _same(lineage, leader.pid)
         assert len(full_scan_members(backend_obj, leader.pid)) == 2
         assert not read & above, f"read above this process: {sorted(read & above)}"
@@ -221,25 +229,15 @@ def test_a_member_that_exits_as_the_search_passes_does_not_hide_its_child(
     before it read the member's own: its child went to this process (a subreaper), in
     a list already read. The exit is made to fall exactly there: the member is killed
     (our own child, by its pid) from inside the search's read of its stat."""
-    leader = subprocess.Popen(
-        ["sh", "-c", 'sh -c "sleep 30 & echo \\$!; wait" & echo $!; wait'],
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
+    leader, pin = _piped(["sh", "-c", 'sh -c "sleep 30 & echo \\$!; wait" & echo $!; wait'])
     assert leader.stdout is not None
-    pin = Pin.open(get_backend(), leader.pid)
-    assert pin is not None
     pids = [int(leader.stdout.readline()) for _ in range(2)]  # in either order
     member = next(p for p in pids if parent_of(p) == leader.pid)
     grandchild = next(p for p in pids if p != member)
     lineage = Lineage.record(get_backend(), leader.pid)
     assert lineage is not None
     sid = leader.pid
-    pin.signal(signal.SIGKILL)
-    assert wait_until(lambda: pin.exited(), timeout=WAIT_S)
-    pin.collect()
-    pin.reap_if_child()
-    leader.returncode = -9  # reaped through the pin
+    _kill_leader(leader, pin)
     assert wait_until(lambda: parent_of(member) == os.getpid(), timeout=WAIT_S)
     members = Members(get_backend(), None, "session", session=sid, lineage=lineage)
     backend_obj = get_backend()

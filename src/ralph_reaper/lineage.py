@@ -464,7 +464,7 @@ def _walk(
     for (pid, start), threshold in thresholds.items():
         if pid == own:
             continue
-        kids = _ancestor_children(backend, pid, start, (pid, start) in parents, clock)
+        kids = _ancestor_children(backend, pid, start, (pid, start) in parents, clock, start_of)
         if not kids:
             continue
         born_since, unread = clock().cached_born_since(kids, threshold)
@@ -500,6 +500,7 @@ def _ancestor_children(
     start: int,
     is_parent: bool,
     clock: Callable[[], PidClock],
+    start_of: Callable[[int], Optional[int]],
 ) -> list[int]:
     """The children of ancestor ``(pid, start)`` where a process of the session can be.
 
@@ -515,7 +516,7 @@ def _ancestor_children(
         own = _OWN.get(pid)
         this_process = own is not None and own[0][1] == start  # alive, then
         # Cached: a recycled pid is read again; one gone, not recycled, has no children.
-        if not this_process and clock().start_of(pid, _start_reader(backend)) != start:
+        if not this_process and clock().start_of(pid, start_of) != start:
             return []  # gone: its children went to an ancestor further up, recorded too
         return children_of(pid)
     kids = children_of(pid, 1)
