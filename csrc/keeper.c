@@ -27,9 +27,10 @@
  *   - Starts CMD (PATH searched as execvp does, but a file without a #! line
  *     is an exec failure, ENOEXEC, not run by /bin/sh) in a new session; the child
  *     gets the signal mask and SIGCHLD disposition the keeper started with,
- *     and SIGPIPE reset to SIG_DFL.  Between fork and exec only
- *     async-signal-safe calls; an exec failure travels back as errno through
- *     a close-on-exec pipe.
+ *     and SIGPIPE reset to SIG_DFL.  The child is cloned with CLONE_VM |
+ *     CLONE_VFORK (fork when no stack can be had for it); from then to the
+ *     exec it makes system calls only; an exec failure travels back as errno
+ *     through a close-on-exec pipe.
  *   - Stop sequence (on SIGTERM/SIGINT/SIGHUP/SIGQUIT with --grace-ms, the
  *     first stage sending the signal received instead of SIGTERM;
  *     default 5000; on control "stop <ms>" or "kill" (grace 0); on parent
@@ -134,7 +135,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -1180,6 +1183,70 @@ fail:
     _exit(127);
 }
 
+struct child_args {
+    const struct keeper *k;
+    struct exec_plan *pl;
+    int errfd;
+};
+
+static int child_main(void *arg)
+{
+    const struct child_args *a = arg;
+
+    child_exec(a->k, a->pl, a->errfd);
+    return 127; /* not reached: child_exec ends in execve or _exit */
+}
+
+/* The child's stack while it shares our memory (it only makes system calls). */
+#define CHILD_STACK_SIZE (64 * 1024)
+
+/* AddressSanitizer cannot follow a process onto a stack of its own making. */
+#if defined(__SANITIZE_ADDRESS__)
+#define RR_FORK_ONLY 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define RR_FORK_ONLY 1
+#endif
+#endif
+#ifndef RR_FORK_ONLY
+#define RR_FORK_ONLY 0
+#endif
+
+/* Start child_exec in a new process: clone(CLONE_VM | CLONE_VFORK) where it can
+   (no copy of our page tables, and we resume once the exec is done: both are
+   on the path from spawn to the "started" report), else (no stack, or an
+   AddressSanitizer build) fork.  The child
+   shares our memory until execve, so it must only make system calls; no
+   signal handler can run in it, since the keeper installs none (every
+   disposition is SIG_DFL or SIG_IGN).  pid, or -1 with errno set. */
+static pid_t spawn_child(const struct keeper *k, struct exec_plan *pl, int errfd)
+{
+    struct child_args args;
+    void *stack;
+    pid_t pid;
+    int err;
+
+    stack = RR_FORK_ONLY ? MAP_FAILED
+                         : mmap(NULL, CHILD_STACK_SIZE, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) {
+        pid = fork();
+        if (pid == 0)
+            child_exec(k, pl, errfd);
+        return pid;
+    }
+    args.k = k;
+    args.pl = pl;
+    args.errfd = errfd;
+    /* The stack grows down on every architecture the package builds for. */
+    pid = clone(child_main, (char *)stack + CHILD_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD,
+                &args);
+    err = errno;
+    munmap(stack, CHILD_STACK_SIZE);
+    errno = err;
+    return pid;
+}
+
 /* Fork and exec the command: 0 (k->cmd_pid set, k->exec_errno set when the
    exec failed) or -errno with *what naming the failed step. */
 static int start_command(struct keeper *k, const char **what)
@@ -1200,7 +1267,7 @@ static int start_command(struct keeper *k, const char **what)
         *what = "pipe";
         return r;
     }
-    pid = fork();
+    pid = spawn_child(k, &pl, pipefd[1]);
     if (pid < 0) {
         r = -errno;
         close(pipefd[0]);
@@ -1208,10 +1275,6 @@ static int start_command(struct keeper *k, const char **what)
         plan_free(&pl);
         *what = "fork";
         return r;
-    }
-    if (pid == 0) {
-        close(pipefd[0]);
-        child_exec(k, &pl, pipefd[1]);
     }
     k->cmd_pid = pid;
     close(pipefd[1]);
