@@ -8,6 +8,13 @@ A failed native build (extension or keeper) degrades to the pure-Python
 backends with a warning, unless CIBUILDWHEEL=1 or RALPH_REAPER_REQUIRE_NATIVE=1
 (release wheels must never silently ship without it).
 
+The keeper is linked statically where the C library allows it (a static
+keeper starts without the dynamic loader, which is most of the time from its
+exec to the command's: spawn_dispatch waits for that), and dynamically where
+it does not (zig's glibc targets) or under a sanitizer (its runtime is a
+shared library). RALPH_REAPER_KEEPER_CC names another compiler for the keeper
+alone, always static: the release wheel's is zig targeting musl (Makefile).
+
 The C flags come from csrc/build_native.py (-Werror only in development and
 CI builds, see there). Both binaries are linked without a RUNPATH (they need
 nothing but libc; the build Python's own rpath, e.g. a pyenv's lib directory,
@@ -16,6 +23,8 @@ RALPH_REAPER_STRIP=0 (make sanitize-python keeps the symbols for its reports).
 """
 
 import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -29,6 +38,9 @@ _BUILD_ERRORS = (CCompilerError, CompileError, ExecError, PlatformError, OSError
 _NATIVE = "ralph_reaper._native"
 KEEPER = "ralph-reaper-keeper"
 _KEEPER_SOURCES = [os.path.join("csrc", "keeper.c"), os.path.join("csrc", "reaper.c")]
+
+#: A compiler command for the keeper alone (e.g. "zig cc -target x86_64-linux-musl").
+_KEEPER_CC = "RALPH_REAPER_KEEPER_CC"
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
 from build_native import c_flags  # noqa: E402
@@ -122,21 +134,12 @@ class OptionalBuildExt(build_ext):
         self._keeper_built: Optional[str] = None
         target = self._keeper_file(bool(self.inplace))
         try:
-            objects = self.compiler.compile(
-                _KEEPER_SOURCES,
-                output_dir=os.path.join(self.build_temp, "keeper"),
-                include_dirs=["csrc"],
-                debug=self.debug,
-                extra_postargs=_C_FLAGS,
-            )
             self.mkpath(os.path.dirname(target))
-            self.compiler.link_executable(
-                objects,
-                os.path.basename(target),
-                output_dir=os.path.dirname(target),
-                debug=self.debug,
-                extra_postargs=_C_FLAGS + self._link_flags(),
-            )
+            own_cc = os.environ.get(_KEEPER_CC)
+            if own_cc:
+                self._keeper_with(shlex.split(own_cc), target)
+            else:
+                self._keeper_with_compiler(target)
             os.chmod(target, 0o755)
         except _BUILD_ERRORS as exc:
             if _native_required():
@@ -144,6 +147,45 @@ class OptionalBuildExt(build_ext):
             _warn(exc, "the keeper executable", "installing without it (keeper_path() is None)")
         else:
             self._keeper_built = target
+
+    def _keeper_with_compiler(self, target: str) -> None:
+        objects = self.compiler.compile(
+            _KEEPER_SOURCES,
+            output_dir=os.path.join(self.build_temp, "keeper"),
+            include_dirs=["csrc"],
+            debug=self.debug,
+            extra_postargs=_C_FLAGS,
+        )
+        link = _C_FLAGS + self._link_flags()
+        for static in ([["-static"]] if self._static_keeper() else []) + [[]]:
+            try:
+                self.compiler.link_executable(
+                    objects,
+                    os.path.basename(target),
+                    output_dir=os.path.dirname(target),
+                    debug=self.debug,
+                    extra_postargs=link + static,
+                )
+                return
+            except _BUILD_ERRORS:
+                if not static:
+                    raise
+                self.announce("the keeper cannot be linked statically here: linking it dynamically")
+
+    def _static_keeper(self) -> bool:
+        """False under a sanitizer, whose runtime is a shared library."""
+        cmd = getattr(self.compiler, "linker_exe", None) or []
+        words = [os.environ.get(v, "") for v in ("CC", "CFLAGS", "LDFLAGS")] + list(cmd)
+        return not any("-fsanitize" in w for w in words)
+
+    def _keeper_with(self, cc: list[str], target: str) -> None:
+        """Compile and link the keeper with ``cc`` in one command, statically."""
+        cmd = [*cc, *_C_FLAGS, "-O2", "-static", "-Icsrc", *self._link_flags(), "-o", target]
+        self.announce(" ".join(cmd + _KEEPER_SOURCES), level=2)
+        try:
+            subprocess.run(cmd + _KEEPER_SOURCES, check=True)
+        except subprocess.CalledProcessError as exc:
+            raise CompileError(f"{_KEEPER_CC}: {exc}") from exc
 
     def _keeper_exists(self) -> bool:
         """True once this run built the keeper into the build directory."""
