@@ -71,12 +71,18 @@ WHY: list[tuple[str, str]] = [
         "Under keeper containment a spawn is two execs in series (the keeper, then the "
         "command from it), and the call returns only once the keeper reports that the "
         "command runs, so that a command that cannot start is a launch error at spawn "
-        "time, as it is for Popen.",
+        "time, as it is for Popen. The keeper is already static (no dynamic loader; see "
+        "the keeper row of the machine table) and starts the command with "
+        "clone(CLONE_VM | CLONE_VFORK). What is left is Popen of the keeper, the "
+        "command's exec and the report; a keeper started ahead of time, waiting for "
+        "its command, was not built: the command would get the process attributes "
+        "(rlimits, umask, cgroup, nice, affinity) of the moment the spare started, "
+        "not those of the call.",
     ),
     (
         "S6 ralph_reaper.Popen (native)",
         "As spawn_dispatch under keeper containment: two execs in series, and the "
-        "keeper's report that the command runs is awaited.",
+        "keeper's report that the command runs is awaited (see the row above).",
     ),
     (
         "S6 ralph_reaper.Popen",

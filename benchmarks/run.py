@@ -41,7 +41,7 @@ except ImportError:  # a source checkout without an install: use src/
     import ralph_reaper
 
 from ralph_reaper import backends as rr_backends  # noqa: E402
-from ralph_reaper.keeper_path import keeper_path  # noqa: E402
+from ralph_reaper.keeper_path import keeper_linkage, keeper_path  # noqa: E402
 
 from . import baselines  # noqa: E402
 from .misses import explain  # noqa: E402
@@ -101,23 +101,17 @@ def tasks_in_use() -> int:
         return sum(1 for name in os.listdir("/proc") if name.isdigit())
 
 
-def keeper_linkage(path: Optional[str]) -> str:
+def keeper_row(path: Optional[str]) -> str:
     """How the keeper was linked: its start-up (a dynamic loader or none) is on the
     path of every keeper spawn, so the S6 keeper rows depend on it."""
     if path is None:
         return "no"
+    linkage = keeper_linkage(path)
+    if linkage != "static":
+        return f"yes ({linkage or 'linkage unknown'})"
     with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2:  # not a 64-bit ELF: do not guess
-        return "yes"
-    order = "little" if data[5] == 1 else "big"
-    phoff = int.from_bytes(data[32:40], order)
-    size, count = int.from_bytes(data[54:56], order), int.from_bytes(data[56:58], order)
-    for i in range(count):
-        at = phoff + i * size
-        if int.from_bytes(data[at : at + 4], order) == 3:  # PT_INTERP
-            return "yes (dynamically linked)"
-    return "yes (static, glibc)" if b"glibc." in data else "yes (static, without glibc)"
+        libc = "glibc" if b"glibc." in f.read() else "without glibc"
+    return f"yes (static, {libc})"
 
 
 def build(build_dir: Path) -> tuple[str, str, str, str]:
@@ -384,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stamp, floor, crowd, compiler = build(build_dir)
         info.append(("C compiler", compiler))
         bench = Bench(params, wanted, stamp, floor, log, crowd)
-        keeper = keeper_linkage(keeper_path()) if bench.keeper else "no"
+        keeper = keeper_row(keeper_path()) if bench.keeper else "no"
         info.insert(7, ("keeper (spawn_dispatch)", keeper))
         for key, fn in SCENARIOS:
             if key not in only:

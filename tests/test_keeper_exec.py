@@ -15,16 +15,19 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 
 from procs import alive
-from ralph_reaper.keeper_path import keeper_path
+from ralph_reaper.keeper_path import keeper_linkage, keeper_path
 from shapes import (
     PRELUDE,
     PY,
@@ -603,3 +606,23 @@ def test_parent_already_dead_starts_nothing(run: Any, tmp_path: Any) -> None:
     assert final["method"] == "not_started" and final["error"] == "parent_died"
     with open(exit_file) as f:
         assert json.load(f) == final
+
+
+def test_keeper_linkage_tells_a_static_executable_from_a_dynamic_one(tmp_path: Path) -> None:
+    # What the doctor and the benchmarks say of the keeper (a static one ignores
+    # LD_PRELOAD and starts without the dynamic loader).
+    assert keeper_linkage(sys.executable) == "dynamic"
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    assert keeper_linkage(str(script)) is None
+    assert keeper_linkage(str(tmp_path / "missing")) is None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build a static executable")
+    source, out = tmp_path / "main.c", tmp_path / "main"
+    source.write_text("int main(void) { return 0; }\n")
+    built = subprocess.run([cc, "-static", "-o", str(out), str(source)], capture_output=True)
+    if built.returncode != 0:
+        pytest.skip(f"this C library cannot be linked statically: {built.stderr[-200:]!r}")
+    assert keeper_linkage(str(out)) == "static"
+    assert subprocess.run([str(out)]).returncode == 0

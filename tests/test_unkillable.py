@@ -6,7 +6,9 @@ be produced on demand. This module mocks exactly that and nothing else:
 ``unkillable_preload.c``, preloaded into the process that runs the stop
 sequence (a child Python using the package, or the keeper), makes *its*
 SIGKILL miss processes named ``rr-unkillable`` while reporting success, as the
-kernel does for a process in D state. The processes, pidfds, waits, /proc
+kernel does for a process in D state. A static keeper (as builds link it)
+ignores ``LD_PRELOAD``: the keeper cases then run a dynamically linked build
+of the same source. The processes, pidfds, waits, /proc
 reads and reports are all real. Each test then SIGKILLs the survivor itself
 (unshimmed) and reaps it: the test process is a subreaper, so it inherits it.
 """
@@ -27,10 +29,11 @@ import pytest
 
 import procs
 from procs import alive, wait_until
-from ralph_reaper.keeper_path import keeper_path
+from ralph_reaper.keeper_path import keeper_linkage, keeper_path
 
 HERE = Path(__file__).resolve().parent
 SHIM_SOURCE = HERE / "unkillable_preload.c"
+CSRC = HERE.parent / "csrc"
 NAME = "rr-unkillable"
 SH = shutil.which("sh") or "/bin/sh"
 
@@ -43,6 +46,25 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("shim") / "unkillable.so"
     flags = ["-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror"]
     subprocess.run([cc, *flags, "-o", str(out), str(SHIM_SOURCE), "-ldl"], check=True)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def keeper(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The package's keeper if the shim can be preloaded into it, else a dynamically
+    linked build of its source (csrc/), which the shim can."""
+    installed = keeper_path()
+    if installed is None:
+        pytest.skip("ralph-reaper-keeper is not built (no C compiler at install time?)")
+    if keeper_linkage(installed) == "dynamic":
+        return installed
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    sources = [CSRC / "keeper.c", CSRC / "reaper.c"]
+    if cc is None or not all(f.exists() for f in sources):
+        pytest.skip("a static keeper, and no compiler or csrc/ to build one the shim loads into")
+    out = tmp_path_factory.mktemp("keeper") / "ralph-reaper-keeper"
+    flags = ["-std=gnu99", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}"]
+    subprocess.run([cc, *flags, "-o", str(out), *map(str, sources)], check=True)
     return str(out)
 
 
@@ -121,9 +143,11 @@ from ralph_reaper import (
     DispatchResult, backend_info, graceful_terminate_dispatch, spawn_dispatch,
     wait_for_dispatch_completion,
 )
-stuck, how, out = sys.argv[1:4]
+stuck, how, out, keeper = sys.argv[1:5]
 script = "trap '' TERM; " + stuck + " 300 >/dev/null 2>&1 & echo $! > " + out + "; exec sleep 300"
 if how == "spawn":
+    import ralph_reaper.spawning
+    ralph_reaper.spawning.keeper_path = lambda: keeper  # one the shim is loaded into
     dispatch = spawn_dispatch(["sh", "-c", script], ticket_id="t-1", stdin="devnull")
 else:
     proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
@@ -149,16 +173,24 @@ print(json.dumps(result), flush=True)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["wait", "terminate", "spawn"])
 def test_host_gives_up_and_names_the_survivor(
-    backend: str, how: str, shim: str, stuck: str, survivors: list[int], tmp_path: Path
+    backend: str,
+    how: str,
+    shim: str,
+    stuck: str,
+    survivors: list[int],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     out = tmp_path / "stuck.pid"
+    # Only a spawn on the native backend runs a keeper.
+    keeper = request.getfixturevalue("keeper") if how == "spawn" and backend == "native" else ""
     env = procs.child_env(LD_PRELOAD=_preload(shim), RALPH_REAPER_BACKEND=backend)
     # Files, not pipes: a crash must not leave the test reading a pipe that
     # the tree still holds open.
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with stdout.open("w") as o, stderr.open("w") as e:
         code = subprocess.call(
-            [sys.executable, "-c", _HOST, stuck, how, str(out)],
+            [sys.executable, "-c", _HOST, stuck, how, str(out), keeper],
             env=env,
             stdout=o,
             stderr=e,
@@ -181,16 +213,11 @@ def test_host_gives_up_and_names_the_survivor(
     assert f"survivors: [{pid}]" in result["error"], result
 
 
-KEEPER = keeper_path()
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("which", ["command", "descendant"])
 def test_keeper_gives_up_and_says_so(
-    which: str, shim: str, stuck: str, survivors: list[int], tmp_path: Path
+    which: str, shim: str, keeper: str, stuck: str, survivors: list[int], tmp_path: Path
 ) -> None:
-    if KEEPER is None:
-        pytest.skip("ralph-reaper-keeper is not built (no C compiler at install time?)")
     pidfile = tmp_path / "stuck.pid"
     if which == "command":
         script = f"trap '' TERM; echo $$ > {pidfile}; exec {stuck} 300"
@@ -198,8 +225,8 @@ def test_keeper_gives_up_and_says_so(
         script = f"trap '' TERM; {stuck} 300 & echo $! > {pidfile}; exec sleep 300"
     report_r, report_w = os.pipe()
     env = {**os.environ, "LD_PRELOAD": _preload(shim)}
-    keeper = subprocess.Popen(
-        [KEEPER, "--report-fd", str(report_w), "--grace-ms", "100", "--", SH, "-c", script],
+    proc = subprocess.Popen(
+        [keeper, "--report-fd", str(report_w), "--grace-ms", "100", "--", SH, "-c", script],
         pass_fds=[report_w],
         env=env,
     )
@@ -209,14 +236,14 @@ def test_keeper_gives_up_and_says_so(
         pid = int(pidfile.read_text())
         survivors.append(pid)
         assert wait_until(lambda: alive(pid) and _comm(pid) == NAME)
-        keeper.send_signal(signal.SIGTERM)
-        code = keeper.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
         with os.fdopen(report_r, closefd=False) as f:
             events = [json.loads(line) for line in f.read().splitlines()]
     finally:
-        if keeper.poll() is None:
-            keeper.kill()
-            keeper.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         os.close(report_r)
     final = events[-1]
     assert final["event"] == "exit" and final["method"] == "failed", events

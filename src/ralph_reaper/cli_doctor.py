@@ -18,7 +18,7 @@ from . import __version__
 from .backends import backend_info
 from .backends import get as get_backend
 from .cli_report import SCHEMA, emit
-from .keeper_path import keeper_path
+from .keeper_path import keeper_linkage, keeper_path
 
 
 def add_parser(sub: Any) -> None:
@@ -137,7 +137,11 @@ def containment() -> dict[str, str]:
         return {"mode": "session", "why": f"no keeper executable: {exc}"}
     if path is None or not os.access(path, os.X_OK):
         return {"mode": "session", "why": "no keeper executable in the package"}
-    return {"mode": "keeper", "why": f"native backend with its keeper ({os.path.basename(path)})"}
+    linkage = keeper_linkage(path) or "linkage unknown"
+    return {
+        "mode": "keeper",
+        "why": f"native backend with its keeper ({os.path.basename(path)}, {linkage})",
+    }
 
 
 def doctor_info() -> dict[str, Any]:

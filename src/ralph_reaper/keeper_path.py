@@ -12,7 +12,7 @@ fall back to another containment mode when it is not.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 #: File name of the keeper executable inside the package directory.
 KEEPER_NAME = "ralph-reaper-keeper"
@@ -30,3 +30,33 @@ def keeper_path() -> Optional[str]:
     if os.path.isfile(path) and os.access(path, os.X_OK):
         return path
     return None
+
+
+#: ELF program header type of the dynamic loader's path.
+_PT_INTERP = 3
+
+
+def keeper_linkage(path: str) -> Optional[str]:
+    """``"static"`` or ``"dynamic"``: how the keeper at ``path`` was linked (None: not
+    a 64-bit ELF file this can read).
+
+    A static keeper starts without the dynamic loader, which is most of its start
+    on the way to the command's, and the reason a build links it so; it also
+    ignores ``LD_PRELOAD``, which a diagnosis (or a test's shim) may rely on.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+                return None
+            order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
+            phoff = int.from_bytes(head[32:40], order)
+            size, count = int.from_bytes(head[54:56], order), int.from_bytes(head[56:58], order)
+            f.seek(phoff)
+            table = f.read(size * count)
+    except OSError:
+        return None
+    for i in range(count):
+        if int.from_bytes(table[i * size : i * size + 4], order) == _PT_INTERP:
+            return "dynamic"
+    return "static"
