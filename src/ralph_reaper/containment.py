@@ -30,6 +30,18 @@ MOVING_ROUNDS = 8
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
 
 
+def group_has_members(fd: int) -> bool:
+    """Whether the process group of the process behind pidfd ``fd`` (reaped or not) has
+    a process in it: signal 0 to the group by pidfd (Linux >= 6.9), which names
+    the group that process created, never a later group that reuses its number.
+    False when no process is left in it, and when the kernel cannot say."""
+    try:
+        signal.pidfd_send_signal(fd, 0, None, PIDFD_SIGNAL_PROCESS_GROUP)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 class Members:
     """The pinned processes of one dispatch (the leader first)."""
 
@@ -43,6 +55,7 @@ class Members:
         group_fd: int = -1,
         lineage: Optional[Lineage] = None,
         others: Optional[Callable[[int, int], bool]] = None,
+        group_left: bool = False,
     ) -> None:
         """``extra_roots`` are searched for descendants but never pinned or signalled:
         a dedicated supervisor passes its own pid to sweep up orphans it inherited.
@@ -52,7 +65,10 @@ class Members:
         kept past its exit so its process group can still be signalled.
         ``lineage``: where that session's processes can be (see :mod:`.lineage`);
         without it, read from a live leader, or else every process is read.
-        ``others``: which of our children are other dispatches of ours."""
+        ``others``: which of our children are other dispatches of ours.
+        ``group_left``: the leader's process group still had a process right after
+        the leader was reaped (:func:`group_has_members`), so a search of the session
+        that finds nothing has missed it (see :meth:`discover_live`)."""
         if containment not in CONTAINMENTS:
             raise ValueError(f"containment must be one of {CONTAINMENTS}, not {containment!r}")
         self.backend = backend
@@ -79,11 +95,13 @@ class Members:
             lineage = Lineage.record(backend, leader.pid)
         self.lineage = lineage if lineage is not None and lineage.leader == self.session else None
         self.others = others
+        self.group_left = group_left
 
-    def discover(self, fresh: bool = False) -> int:
+    def discover(self, fresh: bool = False, scan: bool = False) -> int:
         """Pin members not yet pinned; return how many were added.
 
         ``fresh``: search the session anew even inside :func:`.lineage.sharing`.
+        ``scan``: read every process for the session instead of searching it.
 
         The tree is walked only from pins that are still alive: the pid of a
         member that exited (and that its own parent reaped) may already belong
@@ -102,7 +120,7 @@ class Members:
                 accepted.add(pid)
                 added += self._pin(pid, st)
         if self.session is not None:
-            for pid in self.session_members(fresh):
+            for pid in self.session_members(fresh, scan):
                 st = self._candidate(pid)
                 if st is not None and st.session == self.session:
                     added += self._pin(pid, st)
@@ -119,9 +137,18 @@ class Members:
         (a process that forks and exits in a loop does it all the time). Then
         the session is searched again, up to :data:`MOVING_ROUNDS` times, until
         a search adds nothing or finds one alive.
+
+        Nor, finally, is "none at all" when the leader's process group had a
+        process left after its reap (``group_left``): the search missed it, as it
+        misses a child the leader made with ``clone(CLONE_PARENT)`` (this
+        process's own, which a host that adopts no orphans does not list, see
+        :mod:`.lineage`). Then every process is read for the session, once.
         """
         added = self.discover()
         live = self.live()
+        if not live and not self.pins and self.group_left and self.session is not None:
+            added += self.discover(scan=True)
+            live = self.live()
         if (
             not live
             and self.lineage is not None
@@ -137,11 +164,11 @@ class Members:
             rounds += 1
         return live
 
-    def session_members(self, fresh: bool = False) -> list[int]:
+    def session_members(self, fresh: bool = False, scan: bool = False) -> list[int]:
         """The session's processes not pinned yet: searched where they can be, or,
-        without a lineage, read from every process."""
+        without a lineage (or with ``scan``), read from every process."""
         assert self.session is not None
-        if self.lineage is not None:
+        if self.lineage is not None and not scan:
             return self.lineage.members(
                 self.backend, self.session, skip=self.pins, others=self.others, fresh=fresh
             )

@@ -16,7 +16,7 @@ import time
 from typing import Any, Optional
 
 from .backends.base import ExitStatus
-from .containment import Members
+from .containment import Members, group_has_members
 from .dispatches import REGISTRY
 from .engine import (
     ONGOING,
@@ -41,7 +41,11 @@ _WHAT = {
 
 
 def collect_leader(w: Watch) -> Optional[ExitStatus]:
-    """Collect (reap) an exited leader, remember its exit, close its pin; its status."""
+    """Collect (reap) an exited leader, remember its exit, close its pin; its status.
+
+    Before the pin is closed, a leader whose session is to be swept has its
+    process group asked whether a process is left in it (``w.group_left``): the
+    sweep's search must then find something (see ``Members.discover_live``)."""
     status = w.known
     leader = w.leader
     if leader is not None:
@@ -52,6 +56,10 @@ def collect_leader(w: Watch) -> Optional[ExitStatus]:
             BOOK.remember(leader.pid, leader.starttime, leader.status)
         else:  # reaped meanwhile by another call of this package, which remembered it
             status = BOOK.lookup(w.backend, leader.pid) or status
+        if leader.reaped and leader.fd >= 0 and w.sid == leader.pid and needs_sweep(w):
+            # Reaped here, so not in its group any more (and only our own child's
+            # clone(CLONE_PARENT) children are ours: see Members.discover_live).
+            w.group_left = not w.keeper and group_has_members(leader.fd)
         leader.close()
         w.leader = None
     w.known = status
@@ -90,6 +98,7 @@ def sweep_for(w: Watch) -> Optional[Stop]:
         group_fd=group_fd,
         lineage=w.lineage,
         others=REGISTRY.started_here,
+        group_left=w.group_left,
     )
     stop = leftovers_stop(members, grace_s=w.grace_s, log=w.log)
     if stop is not None:

@@ -27,9 +27,13 @@ it forked, and no process of a session started from one of them is in the
 tree of another (those are forked from the leader and reparented only to its
 ancestors). The leader itself is searched from, so nothing is lost, with one
 exception: a child the leader makes with ``clone(CLONE_PARENT)`` is our child,
-in the leader's session, and goes unfound (the full scan finds it). Listing
-our children at every walk to catch it cost the monitor's simultaneous stops
-(benchmark S8) three times their time; the keeper, a subreaper, catches it.
+in the leader's session, and goes unfound here (the full scan finds it).
+Listing our children at every walk to catch it cost the monitor's simultaneous
+stops (benchmark S8) three times their time. Instead, after a natural exit, the
+leader's process group is asked whether a process is left in it, and a
+session whose search found nothing is then read whole (see
+``containment.Members.discover_live``); the keeper, a subreaper, catches it
+anyway.
 
 When this process is a child subreaper and was one before the leader was
 born, no orphan of the session can have gone past it: its ancestors above it

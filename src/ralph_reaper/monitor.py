@@ -756,6 +756,8 @@ class DispatchMonitor:
         except Exception as exc:  # cannot tell: look at each session on its own
             self._log.warning(f"ralph-reaper: session scan failed ({exc!r})")
             busy = set(sids)
+        # A process left in a leader's group that the search missed: swept all the same.
+        busy |= {e.watch.sid for e in batch if e.watch.group_left and e.watch.sid in sids}
         with sharing(walk):  # the sweeps' first searches: what the scan just read
             for entry in batch:
                 if entry.state == _ENDING:

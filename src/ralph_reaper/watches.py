@@ -57,6 +57,8 @@ class Watch:
     sid: Optional[int] = None
     #: Where the processes of that session can be (see :mod:`.lineage`).
     lineage: Optional[Lineage] = None
+    #: The leader's process group still had a process when the leader was collected.
+    group_left: bool = False
     #: Why the package stopped it: "timeout", "idle", "terminate", "close", "signal".
     reason: Optional[str] = None
     next_progress: float = 0.0
