@@ -1,4 +1,5 @@
-"""A leader's ``clone(CLONE_PARENT)`` child, left behind at a natural exit, is stopped.
+"""A leader's ``clone(CLONE_PARENT)`` child is stopped with it: left behind at a
+natural exit, or still running at a timeout.
 
 Such a child is in the leader's session and process group, but its parent is
 the leader's parent: the host. A host that adopts no orphans does not list its
@@ -30,12 +31,14 @@ RUN = [sys.executable, "-m", "ralph_reaper", "run", "--"]
 SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
 
 #: The leader: clones a child with CLONE_PARENT (it becomes its parent's child, in
-#: this session and process group), prints its pid, waits for EOF, exits 0.
+#: this session and process group) that ignores SIGTERM (so that only a stop that
+#: found it ends it, with SIGKILL), prints its pid, waits for EOF, exits 0.
 _LEADER = """
-import ctypes, os, sys
+import ctypes, os, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
 pid = libc.syscall(int(sys.argv[1]), 0x00008000 | 17, 0, 0, 0, 0)  # CLONE_PARENT | SIGCHLD
 if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.execv(sys.argv[2], [sys.argv[2], "300"])
 if pid < 0:
     sys.exit("clone: " + os.strerror(ctypes.get_errno()))
@@ -52,7 +55,8 @@ from ralph_reaper import aio
 from ralph_reaper.lineage import adopts_orphans
 from ralph_reaper.backends import get
 
-face, leader_code, sys_clone, sleep = sys.argv[1:5]
+face, end, leader_code, sys_clone, sleep = sys.argv[1:6]
+limit = {"graceful_shutdown_ms": 200, **({"timeout_ms": 300} if end == "timeout" else {})}
 assert not adopts_orphans(get())
 proc = subprocess.Popen(
     [sys.executable, "-c", leader_code, sys_clone, sleep],
@@ -62,22 +66,24 @@ clone = int(proc.stdout.readline())
 st = open(f"/proc/{clone}/stat").read().rsplit(")", 1)[1].split()
 assert int(st[1]) == os.getpid() and int(st[3]) == proc.pid, st  # our child, its session
 dispatch = DispatchResult("s-1", "t-1", "running", proc.pid)
-proc.stdin.close()  # the leader exits now: its end is natural
+if end == "natural":
+    proc.stdin.close()  # the leader exits now
 if face == "wait":
-    result = wait_for_dispatch_completion(dispatch, "t-1")
+    result = wait_for_dispatch_completion(dispatch, "t-1", **limit)
 elif face == "monitor":
     with DispatchMonitor() as monitor:
-        result = monitor.watch(dispatch, ticket_id="t-1").result(timeout=60)
+        result = monitor.watch(dispatch, ticket_id="t-1", **limit).result(timeout=60)
 else:
-    result = asyncio.run(aio.wait_for_dispatch_completion(dispatch, "t-1"))
+    result = asyncio.run(aio.wait_for_dispatch_completion(dispatch, "t-1", **limit))
+if proc.stdin:
+    proc.stdin.close()
 try:
     os.kill(clone, 0)  # our child: its pid is its own until we reap it
     left = True
 except ProcessLookupError:
     left = False
 if left:
-    state = open(f"/proc/{clone}/stat").read().rsplit(")", 1)[1].split()[0]
-    left = state != "Z"
+    left = open(f"/proc/{clone}/stat").read().rsplit(")", 1)[1].split()[0]  # its state
     os.kill(clone, signal.SIGKILL)
     os.waitpid(clone, 0)
 proc.wait()
@@ -89,8 +95,9 @@ print(json.dumps({
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("end", ["natural", "timeout"])
 @pytest.mark.parametrize("face", ["wait", "monitor", "asyncio"])
-def test_a_clone_parent_child_left_at_a_natural_exit_is_stopped(backend: str, face: str) -> None:
+def test_a_clone_parent_child_is_stopped_with_its_leader(backend: str, face: str, end: str) -> None:
     if SYS_CLONE is None:
         pytest.skip(f"no clone(2) number known here for {os.uname().machine}")
     if backend == "polling":
@@ -98,7 +105,7 @@ def test_a_clone_parent_child_left_at_a_natural_exit_is_stopped(backend: str, fa
     sleep = shutil.which("sleep")
     assert sleep is not None
     out = subprocess.run(
-        [sys.executable, "-c", _HOST, face, _LEADER, str(SYS_CLONE), sleep],
+        [sys.executable, "-c", _HOST, face, end, _LEADER, str(SYS_CLONE), sleep],
         env=procs.child_env(RALPH_REAPER_BACKEND=backend),
         capture_output=True,
         text=True,
@@ -106,9 +113,12 @@ def test_a_clone_parent_child_left_at_a_natural_exit_is_stopped(backend: str, fa
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result["left"] is False, result
-    assert result["status"] == "completed" and result["return_code"] == 0, result
+    assert result["left"] is False, result  # neither running nor a zombie of the host's
     assert result["killed"] == 1, result
+    if end == "natural":
+        assert result["status"] == "completed" and result["return_code"] == 0, result
+    else:
+        assert result["status"] == "timeout" and result["method"] == "sigterm", result
 
 
 @pytest.mark.timeout(120)

@@ -138,15 +138,16 @@ class Members:
         the session is searched again, up to :data:`MOVING_ROUNDS` times, until
         a search adds nothing or finds one alive.
 
-        Nor, finally, is "none at all" when the leader's process group had a
-        process left after its reap (``group_left``): the search missed it, as it
-        misses a child the leader made with ``clone(CLONE_PARENT)`` (this
-        process's own, which a host that adopts no orphans does not list, see
-        :mod:`.lineage`). Then every process is read for the session, once.
+        Nor, finally, is "none alive" when the search never found anything but the
+        leader, the leader has been reaped (so it is out of its process group),
+        and that group still has a process (:meth:`_missed_in_group`): the search
+        missed it, as it misses a child the leader made with ``clone(CLONE_PARENT)``
+        (this process's own, which a host that adopts no orphans does not list,
+        see :mod:`.lineage`). Then every process is read for the session.
         """
         added = self.discover()
         live = self.live()
-        if not live and not self.pins and self.group_left and self.session is not None:
+        if not live and self._missed_in_group():
             added += self.discover(scan=True)
             live = self.live()
         if (
@@ -163,6 +164,23 @@ class Members:
             live = self.live()
             rounds += 1
         return live
+
+    def _missed_in_group(self) -> bool:
+        """Whether the leader's process group holds a process no search found.
+
+        Asked only while nothing but the leader was ever found (else the group
+        may hold their zombies, on their way to being reaped by their parents)
+        and once the leader is reaped; with no leader pinned (a sweep after its
+        reap), ``group_left`` says what the group held at the reap.
+        """
+        if self.session is None:
+            return False
+        leader = self.leader
+        if leader is None:
+            return not self.pins and self.group_left
+        if not leader.reaped or len(self.pins) > 1 or self.group_fd < 0:
+            return False
+        return group_has_members(self.group_fd)
 
     def session_members(self, fresh: bool = False, scan: bool = False) -> list[int]:
         """The session's processes not pinned yet: searched where they can be, or,

@@ -29,9 +29,9 @@ ancestors). The leader itself is searched from, so nothing is lost, with one
 exception: a child the leader makes with ``clone(CLONE_PARENT)`` is our child,
 in the leader's session, and goes unfound here (the full scan finds it).
 Listing our children at every walk to catch it cost the monitor's simultaneous
-stops (benchmark S8) three times their time. Instead, after a natural exit, the
-leader's process group is asked whether a process is left in it, and a
-session whose search found nothing is then read whole (see
+stops (benchmark S8) three times their time. Instead, once the leader is
+reaped, a search that found nothing else asks the leader's process group
+whether a process is left in it, and then reads the session whole (see
 ``containment.Members.discover_live``); the keeper, a subreaper, catches it
 anyway.
 
