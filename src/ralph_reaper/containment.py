@@ -148,7 +148,7 @@ class Members:
         added = self.discover()
         live = self.live()
         if not live and self._missed_in_group():
-            added += self.discover(scan=True)
+            added += self._scan_while_group_lives()
             live = self.live()
         if (
             not live
@@ -181,6 +181,22 @@ class Members:
         if not leader.reaped or len(self.pins) > 1 or self.group_fd < 0:
             return False
         return group_has_members(self.group_fd)
+
+    def _scan_while_group_lives(self) -> int:
+        """Read every process for the session; keep what it found only if the leader's
+        group still has a process after the read (when there is a pidfd to ask).
+
+        Then the group was never empty meanwhile (an empty group stays empty), so
+        the session's number was never free for a newcomer's ``setsid``: whatever
+        the read found in that session is the dispatch's.
+        """
+        before = set(self.pins)
+        added = self.discover(scan=True)
+        if added and self.group_fd >= 0 and not group_has_members(self.group_fd):
+            for pid in set(self.pins) - before:
+                self.pins.pop(pid).close()
+            return 0
+        return added
 
     def session_members(self, fresh: bool = False, scan: bool = False) -> list[int]:
         """The session's processes not pinned yet: searched where they can be, or,
