@@ -30,16 +30,21 @@ MOVING_ROUNDS = 8
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
 
 
-def group_has_members(fd: int) -> bool:
-    """Whether the process group of the process behind pidfd ``fd`` (reaped or not) has
-    a process in it: signal 0 to the group by pidfd (Linux >= 6.9), which names
-    the group that process created, never a later group that reuses its number.
-    False when no process is left in it, and when the kernel cannot say."""
+def _signal_group(fd: int, sig: int) -> bool:
+    """Send ``sig`` to the process group of the process behind pidfd ``fd`` (reaped or
+    not), by pidfd (Linux >= 6.9): the group that process created, never a later
+    group that reuses its number. False when no process is left in it, or on an
+    older kernel."""
     try:
-        signal.pidfd_send_signal(fd, 0, None, PIDFD_SIGNAL_PROCESS_GROUP)
+        signal.pidfd_send_signal(fd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
     except (OSError, AttributeError):
         return False
     return True
+
+
+def group_has_members(fd: int) -> bool:
+    """Whether that group still has a process (signal 0); False when the kernel cannot say."""
+    return _signal_group(fd, 0)
 
 
 class Members:
@@ -277,11 +282,7 @@ class Members:
         """
         if self.group_fd < 0:
             return self._signal_group_of_child(sig)
-        try:
-            signal.pidfd_send_signal(self.group_fd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
-        except (OSError, AttributeError):  # no such group left, or an older kernel
-            return False
-        return True
+        return _signal_group(self.group_fd, sig)
 
     def _signal_group_of_child(self, sig: int) -> bool:
         """Without pidfds: ``killpg`` only while the leader is our unreaped child.
