@@ -45,6 +45,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "reaper.h"
@@ -56,6 +57,9 @@
 #endif
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
+#endif
+#ifndef SYS_epoll_pwait2
+#define SYS_epoll_pwait2 441 /* one number on every architecture (Linux 5.11) */
 #endif
 #ifndef P_PIDFD
 #define P_PIDFD 3
@@ -519,8 +523,50 @@ int rr_pidfd_exit_status(int pidfd, int *status)
 
 #define RR_POLL_STACK 64
 
-int rr_poll_many(const int *fds, int n, int timeout_ms, unsigned char *ready)
+/* A wait of us microseconds as a timespec; NULL (forever) when us < 0. */
+static struct timespec *us_timespec(long long us, struct timespec *ts)
 {
+    if (us < 0)
+        return NULL;
+    ts->tv_sec = (time_t)(us / 1000000);
+    ts->tv_nsec = (long)(us % 1000000) * 1000L;
+    return ts;
+}
+
+static long long monotonic_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
+/* The part of a wait of left microseconds to hand the kernel now.  The kernel
+   lets a poll or epoll wait of t end up to t/1000 late (its timer slack for
+   such waits, at least the thread's own), so a wait asks for t*1000/1001
+   first and then for what is left: it ends at its deadline, give or take the
+   thread's slack, whatever its length. */
+static long long wait_step_us(long long left)
+{
+    return left - left / 1001;
+}
+
+/* Whole milliseconds for poll/epoll_wait, rounded up so that a wait never
+   ends early; -1 stays forever. */
+static int us_to_ms(long long us)
+{
+    long long ms;
+
+    if (us < 0)
+        return -1;
+    ms = (us + 999) / 1000;
+    return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+int rr_poll_many(const int *fds, int n, long long timeout_us, unsigned char *ready)
+{
+    struct timespec ts;
+    long long end = timeout_us > 0 ? monotonic_us() + timeout_us : 0, left = timeout_us;
     struct pollfd stackp[RR_POLL_STACK];
     struct pollfd *p = stackp;
     int i, r, count = 0, bad = 0;
@@ -538,7 +584,11 @@ int rr_poll_many(const int *fds, int n, int timeout_ms, unsigned char *ready)
         p[i].revents = 0;
         ready[i] = 0;
     }
-    r = poll(p, (nfds_t)n, timeout_ms < 0 ? -1 : timeout_ms);
+    for (;;) {
+        r = ppoll(p, (nfds_t)n, us_timespec(left > 0 ? wait_step_us(left) : left, &ts), NULL);
+        if (r != 0 || left <= 0 || (left = end - monotonic_us()) <= 0)
+            break;
+    }
     if (r < 0) {
         r = neg_errno(); /* -EINTR included: the caller retries */
         goto out;
@@ -591,10 +641,44 @@ int rr_epoll_del(int epfd, int fd)
     return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev) < 0 ? neg_errno() : 0;
 }
 
-int rr_epoll_drain(int epfd, int timeout_ms, struct rr_event *events, int cap)
+/* 1 once epoll_pwait2 was refused (ENOSYS: kernel < 5.11; EPERM: a seccomp
+   filter that does not know it): every later wait goes to epoll_wait. */
+static int no_pwait2;
+
+/* One epoll wait of us microseconds (-1: forever), to the microsecond where the
+   kernel can; returns the count or -1 with errno set. */
+static int epoll_wait_once(int epfd, struct epoll_event *evs, int n, long long us)
+{
+    if (!__atomic_load_n(&no_pwait2, __ATOMIC_RELAXED)) {
+        struct timespec ts;
+        long r = syscall(SYS_epoll_pwait2, epfd, evs, n, us_timespec(us, &ts), NULL, 0);
+
+        if (r >= 0 || (errno != ENOSYS && errno != EPERM))
+            return (int)r;
+        __atomic_store_n(&no_pwait2, 1, __ATOMIC_RELAXED);
+    }
+    return epoll_wait(epfd, evs, n, us_to_ms(us));
+}
+
+/* epoll_wait until us microseconds have passed (-1: forever), in the steps of
+   wait_step_us; returns the count or -1 with errno set. */
+static int epoll_wait_us(int epfd, struct epoll_event *evs, int n, long long us)
+{
+    long long end = us > 0 ? monotonic_us() + us : 0;
+
+    for (;;) {
+        int r = epoll_wait_once(epfd, evs, n, us > 0 ? wait_step_us(us) : us);
+
+        if (r != 0 || us <= 0 || (us = end - monotonic_us()) <= 0)
+            return r;
+    }
+}
+
+int rr_epoll_drain(int epfd, long long timeout_us, struct rr_event *events, int cap)
 {
     struct epoll_event evs[RR_EPOLL_CHUNK];
-    int filled = 0, timeout = timeout_ms < 0 ? -1 : timeout_ms;
+    long long timeout = timeout_us < 0 ? -1 : timeout_us;
+    int filled = 0;
     int rounds = cap / RR_EPOLL_CHUNK + 2;
 
     if (!events || cap <= 0)
@@ -604,7 +688,7 @@ int rr_epoll_drain(int epfd, int timeout_ms, struct rr_event *events, int cap)
 
         if (want > RR_EPOLL_CHUNK)
             want = RR_EPOLL_CHUNK;
-        n = epoll_wait(epfd, evs, want, timeout);
+        n = epoll_wait_us(epfd, evs, want, timeout);
         if (n < 0) {
             if (filled > 0)
                 break; /* report what we already took out of the set */

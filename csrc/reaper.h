@@ -37,18 +37,23 @@ int rr_waitid_pidfd(int pidfd, int nohang, int *status, struct rr_rusage *rusage
 /* PIDFD_GET_INFO with PIDFD_INFO_EXIT: 1 and *status set, 0 when the kernel has
    no exit information (yet, or not supported: -ENOTTY/-EINVAL mapped to 0), -errno. */
 int rr_pidfd_exit_status(int pidfd, int *status);
-/* poll(2) many fds: ready[i] = 1 when fds[i] is readable; returns the count ready. */
-int rr_poll_many(const int *fds, int n, int timeout_ms, unsigned char *ready);
+/* poll many fds for up to timeout_us microseconds (-1: forever; ppoll(2), so the
+   wait ends at its deadline, not at the next whole millisecond): ready[i] = 1
+   when fds[i] is readable; returns the count ready. */
+int rr_poll_many(const int *fds, int n, long long timeout_us, unsigned char *ready);
 
 int rr_epoll_create(void);
 /* token must fit in 32 bits (the epoll data word also carries the fd): else -EOVERFLOW. */
 int rr_epoll_add(int epfd, int fd, unsigned long long token);
 int rr_epoll_del(int epfd, int fd);
-/* Wait up to timeout_ms for readable pidfds in epfd, then for each one: remove
-   it from the set and waitid(WNOHANG) it with rusage (falling back to
-   PIDFD_INFO_EXIT when it is not our child).  Fills at most cap events;
-   returns the count, 0 on timeout, -errno on failure. */
-int rr_epoll_drain(int epfd, int timeout_ms, struct rr_event *events, int cap);
+/* Wait up to timeout_us microseconds (-1: forever) for readable pidfds in
+   epfd, then for each one: remove it from the set and waitid(WNOHANG) it with
+   rusage (falling back to PIDFD_INFO_EXIT when it is not our child).  The wait
+   is epoll_pwait2 (Linux >= 5.11), so it ends at its deadline; older kernels
+   (or a seccomp filter that refuses it) get epoll_wait in whole milliseconds,
+   rounded up.  Fills at most cap events; returns the count, 0 on timeout,
+   -errno on failure. */
+int rr_epoll_drain(int epfd, long long timeout_us, struct rr_event *events, int cap);
 
 int rr_set_child_subreaper(int on);
 /* 1 or 0, or -errno. */

@@ -25,6 +25,7 @@
 #include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "reaper.h"
@@ -63,7 +64,7 @@ static int pidfd_syscalls;       /* pidfd_open/pidfd_send_signal work */
 static int poll_one(int fd, int timeout_ms)
 {
     unsigned char ready = 0;
-    int r = rr_poll_many(&fd, 1, timeout_ms, &ready);
+    int r = rr_poll_many(&fd, 1, timeout_ms * 1000LL, &ready);
 
     return r < 0 ? r : ready;
 }
@@ -291,7 +292,7 @@ static void test_drain_reaped_elsewhere(void)
     CHECK(rr_epoll_add(ep, fd, 4242) == 0, "epoll_add");
     CHECK(waitpid(p, &status, 0) == p && status == (9 << 8), "waitpid %#x", status);
     memset(ev, 0, sizeof ev);
-    r = rr_epoll_drain(ep, 10000, ev, 2);
+    r = rr_epoll_drain(ep, 10000000LL, ev, 2);
     CHECK(r == 1, "drain -> %d", r);
     CHECK(ev[0].token == 4242 && ev[0].fd == fd, "token %llu fd %d", ev[0].token, ev[0].fd);
     CHECK(ev[0].result == 0, "result %d", ev[0].result);
@@ -362,7 +363,7 @@ static void test_non_child(void)
     close(down[1]);
     CHECK(read_full(up[0], &c, 1) == 0 && c == 'r', "child reaped grandchild");
     memset(ev, 0, sizeof ev);
-    r = rr_epoll_drain(epfd, 5000, ev, 4);
+    r = rr_epoll_drain(epfd, 5000000LL, ev, 4);
     CHECK(r == 1, "drain non-child -> %d", r);
     if (r == 1) {
         CHECK(ev[0].token == 77 && ev[0].fd == fd, "token %llu fd %d", ev[0].token, ev[0].fd);
@@ -398,7 +399,7 @@ static void test_poll_many(void)
     r = rr_poll_many(fds, 3, 0, ready);
     CHECK(r == 0 && !ready[0] && !ready[1] && !ready[2], "poll_many none -> %d", r);
     signal_proc(fds[2], pids[2], SIGKILL);
-    r = rr_poll_many(fds, 3, 10000, ready);
+    r = rr_poll_many(fds, 3, 10000000LL, ready);
     CHECK(r == 1 && !ready[0] && !ready[1] && ready[2], "poll_many one -> %d [%d %d %d]", r,
           ready[0], ready[1], ready[2]);
     r = rr_poll_many(NULL, 0, 0, NULL);
@@ -414,10 +415,41 @@ static void test_poll_many(void)
     for (i = 0; i < 100; i++)
         many[i] = -1;
     many[99] = pfd;
-    r = rr_poll_many(many, 100, 10000, rd);
+    r = rr_poll_many(many, 100, 10000000LL, rd);
     CHECK(r == 1 && rd[99] == 1 && rd[0] == 0, "poll_many 100 -> %d", r);
     close(pfd);
     reap_all();
+}
+
+static long long now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
+/* Timeouts are microseconds: a wait of 1.3 ms on a live child times out (0),
+   and never before its 1.3 ms (a lower bound only: how late the kernel wakes
+   is the machine's business, not a test's). */
+static void test_timeouts_in_microseconds(void)
+{
+    int fd, ep = rr_epoll_create(), r;
+    struct rr_event ev[2];
+    unsigned char ready = 0;
+    pid_t p = spawn_pause(&fd);
+    long long t0;
+
+    CHECK(ep >= 0 && rr_epoll_add(ep, fd, 7) == 0, "epoll set of one live child");
+    t0 = now_us();
+    r = rr_epoll_drain(ep, 1300, ev, 2);
+    CHECK(r == 0 && now_us() - t0 >= 1300, "drain 1300 us -> %d after %lld us", r, now_us() - t0);
+    t0 = now_us();
+    r = rr_poll_many(&fd, 1, 1300, &ready);
+    CHECK(r == 0 && !ready && now_us() - t0 >= 1300, "poll_many 1300 us -> %d", r);
+    kill_all(&fd, &p, 1);
+    reap_all();
+    close(ep);
 }
 
 #define N_EPOLL 50
@@ -442,7 +474,7 @@ static void test_epoll_drain(void)
     r = rr_epoll_add(epfd, fds[0], 5);
     CHECK(r == -EEXIST, "double add -> %d", r);
     while (got < N_EPOLL && loops++ < 1000) {
-        r = rr_epoll_drain(epfd, 10000, ev, 16);
+        r = rr_epoll_drain(epfd, 10000000LL, ev, 16);
         CHECK(r > 0 && r <= 16, "drain -> %d", r);
         if (r <= 0)
             break;
@@ -739,7 +771,7 @@ static void test_bad_inputs(void)
         kill(c, SIGKILL);
     }
     memset(ev, 0, sizeof ev);
-    r = rr_epoll_drain(ep, 10000, ev, 2);
+    r = rr_epoll_drain(ep, 10000000LL, ev, 2);
     CHECK(r == 1 && ev[0].token == 0xFFFFFFFFULL && ev[0].status == SIGKILL,
           "drain killed -> %d token %llu status %#x", r, ev[0].token, ev[0].status);
     close(fds[0]);
@@ -756,6 +788,7 @@ int main(void)
     test_non_child();
     test_poll_many();
     test_epoll_drain();
+    test_timeouts_in_microseconds();
     test_proc_stat();
     test_descendants();
     test_session();

@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .backends import get as get_backend
 from .backends.base import EpollSet, ExitStatus
+from .backends.deadlines import epoll_ms, wait_until
 from .containment import sessions_in_use
 from .dispatches import REGISTRY
 from .ending import collect_leader, finish, joinable, needs_sweep, stop_for, sweep_for
@@ -402,17 +403,11 @@ class DispatchMonitor:
         return min(MAX_WAIT_S, max(0.0, due - time.monotonic()))
 
     def _wait(self, timeout: Optional[float]) -> list[tuple[int, int]]:
+        """The outer set's events, by the due time of the next timer to the microsecond
+        (a stage's SIGKILL is not a millisecond late; see ``backends.deadlines``)."""
         assert self._outer is not None
-        if timeout is None:
-            return self._outer.poll(-1)
-        if timeout == 0.0 or timeout >= 0.001:
-            return self._outer.poll(timeout)
-        # epoll_wait counts whole milliseconds: sleep the sub-millisecond steps of polling.
-        events = self._outer.poll(0)
-        if not events:
-            time.sleep(timeout)
-            events = self._outer.poll(0)
-        return events
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return wait_until(epoll_ms(self._outer), deadline)
 
     def _register(self, entry: _Entry, pin: Pin) -> None:
         """Await ``pin``'s exit: its pidfd in the epoll set, else the polling timer."""

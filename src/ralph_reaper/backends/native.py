@@ -35,8 +35,8 @@ _native = load_native()
 ffi: Any = _native.ffi
 lib: Any = _native.lib
 
-#: poll/epoll_wait take an int of milliseconds; longer waits are done in slices.
-_MAX_TIMEOUT_MS = 2**31 - 1
+#: The longest single wait handed to the C core (a day); longer ones go in slices.
+_MAX_TIMEOUT_US = 86_400_000_000
 #: The C epoll set packs a token of at most 32 bits next to the fd.
 _MAX_C_TOKEN = 2**32 - 1
 
@@ -55,14 +55,16 @@ def _deadline(timeout_s: Optional[float]) -> Optional[float]:
     return time.monotonic() + max(0.0, timeout_s)
 
 
-def _timeout_ms(deadline: Optional[float]) -> int:
-    """Milliseconds left until ``deadline`` rounded up (a wait never ends early); -1 = forever."""
+def _timeout_us(deadline: Optional[float]) -> int:
+    """Microseconds left until ``deadline`` rounded up (a wait never ends early); -1 =
+    forever. The C core waits to the microsecond (ppoll, epoll_pwait2): a stop's
+    SIGKILL is due at its deadline, not at the next whole millisecond."""
     if deadline is None:
         return -1
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         return 0
-    return min(_MAX_TIMEOUT_MS, math.ceil(remaining * 1000.0))
+    return min(_MAX_TIMEOUT_US, math.ceil(remaining * 1e6))
 
 
 def _expired(deadline: Optional[float]) -> bool:
@@ -113,7 +115,7 @@ class NativeEpollSet:
             self._cap = cap
         deadline = _deadline(timeout_s)
         while True:
-            n = lib.rr_epoll_drain(self._epfd, _timeout_ms(deadline), self._events, cap)
+            n = lib.rr_epoll_drain(self._epfd, _timeout_us(deadline), self._events, cap)
             if n == -errno.EINTR:
                 if _expired(deadline):
                     return []
@@ -195,7 +197,7 @@ class NativeBackend:
         ready = ffi.new("unsigned char[]", max(1, n))
         deadline = _deadline(timeout_s)
         while True:
-            r = lib.rr_poll_many(c_fds, n, _timeout_ms(deadline), ready)
+            r = lib.rr_poll_many(c_fds, n, _timeout_us(deadline), ready)
             if r == -errno.EINTR:
                 if _expired(deadline):
                     return []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import math
 import os
 import select
 import signal
@@ -21,6 +20,7 @@ from typing import Optional
 
 from ._stdlib_ops import StdlibProcOps
 from .base import DrainEvent, ExitStatus, Rusage
+from .deadlines import epoll_ms, wait_until
 
 # PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info) with the 64-byte first version.
 PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
@@ -29,24 +29,8 @@ _INFO_SIZE = 64
 _EXIT_CODE_OFFSET = 60
 
 
-#: The longest single wait handed to the kernel: epoll and poll take a C int
-#: of milliseconds, so a longer wait (a grace period of days) goes in slices.
-_MAX_SLICE_S = 3600.0
-
-
 def _deadline(timeout_s: Optional[float]) -> Optional[float]:
     return None if timeout_s is None else time.monotonic() + max(timeout_s, 0.0)
-
-
-def _slice_s(deadline: Optional[float]) -> float:
-    """Seconds to wait now (-1: forever, in slices); never more than one slice."""
-    if deadline is None:
-        return _MAX_SLICE_S
-    return min(max(deadline - time.monotonic(), 0.0), _MAX_SLICE_S)
-
-
-def _expired(deadline: Optional[float]) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
 
 
 def status_from_siginfo(code: int, status: int) -> int:
@@ -123,11 +107,7 @@ class PureEpollSet:
         self._tokens.pop(fd, None)
 
     def drain(self, timeout_s: Optional[float], max_events: int = 256) -> list[DrainEvent]:
-        deadline = _deadline(timeout_s)
-        while True:
-            ready = self._ep.poll(_slice_s(deadline), max_events)
-            if ready or _expired(deadline):
-                break
+        ready = wait_until(epoll_ms(self._ep, max_events), _deadline(timeout_s))
         out: list[DrainEvent] = []
         for fd, _mask in ready:
             token = self._tokens.get(fd)
@@ -181,12 +161,8 @@ class PureBackend(StdlibProcOps):
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
-        deadline = _deadline(timeout_s)
-        while True:
-            left = _slice_s(deadline)
-            ready = poller.poll(math.ceil(left * 1000.0))
-            if ready or _expired(deadline):
-                return [fd for fd, _ev in ready]
+        ready = wait_until(poller.poll, _deadline(timeout_s))
+        return [fd for fd, _ev in ready]
 
     def epoll_set(self) -> PureEpollSet:
         return PureEpollSet()
