@@ -165,7 +165,7 @@ async def _run_sweep(w: Watch, step_cap: float) -> DispatchCompletionResult:
         )
         raise
     if sweep is None:
-        return finish(w, not_running())
+        return finish(w, None)
     try:
         outcome = await drive(sweep, step_cap)
     except asyncio.CancelledError:

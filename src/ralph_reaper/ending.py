@@ -131,7 +131,8 @@ def stop_for(w: Watch, reason: str) -> Optional[Stop]:
 
 
 def finish(w: Watch, outcome: Optional[StopOutcome]) -> DispatchCompletionResult:
-    """The result of a watch, once its leader has ended and any stop is over."""
+    """The result of a watch, once its leader has ended and any stop is over
+    (``outcome`` None: there was none, the leader ended by itself and left nothing)."""
     # A stop's outcome may be shared by several faces: each edits its own copy.
     outcome = StopOutcome(True, "not_running") if outcome is None else outcome.copy()
     if outcome.method == "not_running" or w.reason is None:
@@ -152,7 +153,9 @@ def finish(w: Watch, outcome: Optional[StopOutcome]) -> DispatchCompletionResult
         w.leader = None
     result = build_result(w, outcome)
     result.duration_ms = (time.monotonic() - w.started) * 1000.0
-    w.log.info(f"Dispatch of {w.ticket_id} ended: {result.status.value} ({result.return_code})")
+    w.log.info(
+        "Dispatch of %s ended: %s (%s)", w.ticket_id, result.status.value, result.return_code
+    )
     return result
 
 

@@ -124,12 +124,23 @@ def _format(msg: str, args: tuple[Any, ...]) -> str:
 class _Route:
     """How to call one method of the wrapped logger."""
 
-    __slots__ = ("method", "ticket")
+    __slots__ = ("level", "method", "ticket")
 
     def __init__(self, method: _Emit, stdlib: bool) -> None:
         self.method = method
         # A stdlib logger is given the context in ``extra``, never ``ticket=``.
         self.ticket = False if stdlib else _takes_ticket(method)
+        #: For a stdlib logger, the level of ``method``: a record the logger would
+        #: drop is not built (one line per exit of thousands in a burst).
+        self.level = _LEVELS.get(getattr(method, "__name__", ""), logging.NOTSET) if stdlib else 0
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def _route(method: _Emit | None, stdlib: bool) -> _Route | None:
@@ -211,6 +222,8 @@ class LogSink:
         # Deliberately ignored: a failing logger must never stop supervision.
         with contextlib.suppress(Exception):
             if self._stdlib:
+                if route.level and not self._target.isEnabledFor(route.level):  # type: ignore[attr-defined]
+                    return
                 route.method(msg, *args, stacklevel=self._stacklevel, extra=dict(self._context))
                 return
             text = _format(msg, args)

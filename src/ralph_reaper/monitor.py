@@ -771,7 +771,7 @@ class DispatchMonitor:
         w = entry.watch
         stop = sweep_for(w) if w.keeper or w.sid in busy else None
         if stop is None:
-            self._complete(entry, finish(w, not_running()))
+            self._complete(entry, finish(w, None))
             return
         entry.sweeping = True
         self._run_stop(entry, stop)
