@@ -252,7 +252,7 @@ def run_watch(w: Watch, step_s: float = MAX_STEP_S) -> DispatchCompletionResult:
             w.reason, future = ongoing
             return finish(w, future.result())
     stop = sweep_for(w)
-    return finish(w, not_running(None if stop is None else drive(stop)))
+    return finish(w, None if stop is None else not_running(drive(stop)))
 
 
 def _wait(w: Watch, step_s: float) -> Optional[str]:

@@ -7,7 +7,6 @@ dispatch degraded after EMFILE) a pin is the pid plus its start time from
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
@@ -16,7 +15,6 @@ import resource
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Optional
 
 from .backends.base import Backend, ExitStatus, ProcStat
@@ -71,21 +69,22 @@ class _Reaped:
         #: :meth:`noted_since` which pids to look at, instead of every pin.
         self.notes = 0
 
-    @contextlib.contextmanager
-    def reaping(self, pin: Pin) -> Iterator[None]:
+    def reaping(self, pin: Pin) -> _Reaping:
         """Mark a reaping call on ``pin`` as under way until it returns."""
+        return _Reaping(self, pin.pid)
+
+    def _enter(self, pid: int) -> None:
         with self._cond:
-            self._in_flight[pin.pid] = self._in_flight.get(pin.pid, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                left = self._in_flight[pin.pid] - 1
-                if left:
-                    self._in_flight[pin.pid] = left
-                else:
-                    del self._in_flight[pin.pid]
-                self._cond.notify_all()
+            self._in_flight[pid] = self._in_flight.get(pid, 0) + 1
+
+    def _leave(self, pid: int) -> None:
+        with self._cond:
+            left = self._in_flight[pid] - 1
+            if left:
+                self._in_flight[pid] = left
+            else:
+                del self._in_flight[pid]
+            self._cond.notify_all()
 
     def note(self, pin: Pin, status: ExitStatus) -> None:
         with self._cond:
@@ -117,6 +116,23 @@ class _Reaped:
         if entry is None or (entry[0] and pin.starttime and entry[0] != pin.starttime):
             return None
         return entry[1]
+
+
+class _Reaping:
+    """``with REAPED.reaping(pin)``: a class, not a generator, since it runs at
+    every reap (a ``contextlib.contextmanager`` costs several calls more)."""
+
+    __slots__ = ("_book", "_pid")
+
+    def __init__(self, book: _Reaped, pid: int) -> None:
+        self._book = book
+        self._pid = pid
+
+    def __enter__(self) -> None:
+        self._book._enter(self._pid)
+
+    def __exit__(self, *exc: object) -> None:
+        self._book._leave(self._pid)
 
 
 REAPED = _Reaped()
