@@ -173,6 +173,7 @@
 #define MAX_SURVIVORS_SHOWN 32
 #define KILL_RESCAN_MS 10
 #define NS_PER_MS 1000000LL
+#define NS_PER_S 1000000000LL
 #define CTL_LINE_MAX 256
 
 enum phase { PH_RUNNING, PH_TERM, PH_KILL };
@@ -1001,7 +1002,11 @@ static void handle_control(struct keeper *k)
 }
 
 /* poll timeout until the next deadline, rounded up; -1 for none. */
-static int poll_timeout(const struct keeper *k, int64_t now)
+/* How long the main loop may wait from now, in nanoseconds (-1: until something
+   happens).  The kernel lets a poll of t end up to t/1000 late (its slack), so
+   the loop asks for t*1000/1001 and then for what is left: a stage's SIGKILL
+   leaves at its deadline, not up to a millisecond and a thousandth later. */
+static int64_t poll_timeout_ns(const struct keeper *k, int64_t now)
 {
     int64_t until;
 
@@ -1015,15 +1020,15 @@ static int poll_timeout(const struct keeper *k, int64_t now)
         return -1;
     if (until <= now)
         return 0;
-    until = (until - now + NS_PER_MS - 1) / NS_PER_MS;
-    return until > INT_MAX ? INT_MAX : (int)until;
+    return (until - now) - (until - now) / 1001;
 }
 
 static void main_loop(struct keeper *k)
 {
     for (;;) {
         struct pollfd pf[2];
-        int64_t now;
+        struct timespec ts;
+        int64_t now, wait_ns;
         int nfds = 1, r;
 
         reap(k);
@@ -1061,7 +1066,12 @@ static void main_loop(struct keeper *k)
             pf[1].revents = 0;
             nfds = 2;
         }
-        r = poll(pf, (nfds_t)nfds, poll_timeout(k, mono_ns()));
+        wait_ns = poll_timeout_ns(k, mono_ns());
+        if (wait_ns >= 0) {
+            ts.tv_sec = (time_t)(wait_ns / NS_PER_S);
+            ts.tv_nsec = (long)(wait_ns % NS_PER_S);
+        }
+        r = ppoll(pf, (nfds_t)nfds, wait_ns >= 0 ? &ts : NULL, NULL);
         if (r < 0) {
             if (errno != EINTR) {
                 /* ENOMEM and the like: do not spin, try again shortly. */

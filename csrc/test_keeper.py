@@ -281,6 +281,8 @@ def s_stop_by_signal(k: list[str]) -> None:
     check(killed_by(st) == signal.SIGTERM, "command TERMed")
     check(f["descendants_killed"] == 3 and f["reason"] == "signal", f"report {f}")
     check(f["stage_ms"]["sigkill"] is not None, "stubborn member needed SIGKILL")
+    # Its timer waits to the microsecond now: never shorter than the grace, though.
+    check(f["stage_ms"]["sigterm"] >= 200, f"SIGKILL after the whole grace: {f['stage_ms']}")
 
 
 def s_stop_by_control(k: list[str]) -> None:
