@@ -20,6 +20,7 @@ from ralph_reaper.plan import (
     Action,
     Discover,
     Finish,
+    Presearch,
     SendEof,
     Signal,
     StopPlan,
@@ -111,6 +112,67 @@ def test_a_tree_that_forks_for_ever_moves_on_after_the_rounds() -> None:
     assert plan.found(3.0, 1) == [Finish(False)]
 
 
+KILL_SEARCHED = Signal((int(signal.SIGKILL),), search=False)
+
+
+def test_sigkill_is_searched_for_ahead_of_its_deadline() -> None:
+    # The search SIGKILL needs runs kill_lead_s early and signals nobody; SIGKILL
+    # then goes out at the stage's own deadline without a search of its own.
+    plan = StopPlan(term_wait_s=5.0, kill_wait_s=2.0, kill_lead_s=0.01)
+    assert plan.start(0.0) == [TERM_CONT, WaitUntil(4.99)]
+    assert plan.due(4.99) == [Presearch(), WaitUntil(5.0)]
+    assert plan.due(5.0) == [KILL_SEARCHED, WaitUntil(7.0)]
+    assert plan.stage_ms == pytest.approx({TERM: 5000.0})  # the stage ran its full grace
+    plan.leader_exited()
+    plan.all_exited(5.001)
+    assert plan.found(5.001, 0) == [Finish(True)]
+    assert plan.method(signal.SIGKILL) == KILL
+
+
+def test_a_late_sigkill_searches_again() -> None:
+    # The driver came to SIGKILL more than the lead after its deadline: what the
+    # presearch found may be stale, so the signal searches first.
+    plan = StopPlan(term_wait_s=5.0, kill_lead_s=0.01)
+    plan.start(0.0)
+    plan.due(4.99)
+    assert plan.due(5.5)[0] == KILL_ONLY
+
+
+def test_skipping_the_grace_or_coming_late_escalates_at_once() -> None:
+    # A terminate() during the grace asks for SIGKILL now, not for a presearch; a
+    # driver that comes after SIGKILL's own deadline sends it now, searching first.
+    for now in (1.0, 5.5):
+        plan = StopPlan(term_wait_s=5.0, kill_wait_s=2.0, kill_lead_s=0.01)
+        plan.start(0.0)
+        assert plan.due(now) == [KILL_ONLY, WaitUntil(now + 2.0)]
+
+
+def test_no_presearch_when_the_grace_is_short_or_no_lead_is_asked() -> None:
+    assert StopPlan(term_wait_s=0.015, kill_lead_s=0.01).start(0.0)[1] == WaitUntil(0.015)
+    plan = StopPlan(term_wait_s=5.0)
+    assert plan.start(0.0)[1] == WaitUntil(5.0)
+    assert plan.due(5.0)[0] == KILL_ONLY
+
+
+def test_the_stage_settling_before_the_presearch_ends_as_before() -> None:
+    plan = StopPlan(term_wait_s=5.0, kill_lead_s=0.01)
+    plan.start(0.0)
+    plan.all_exited(1.0)
+    assert plan.found(1.0, 1) == [TERM_CONT, WaitUntil(4.99)]  # forked meanwhile
+    plan.all_exited(2.0)
+    assert plan.found(2.0, 0) == [Finish(True)]
+    assert plan.method(signal.SIGTERM) == TERM
+
+
+def test_rounds_run_out_before_the_presearch_move_on_at_once() -> None:
+    plan = StopPlan(term_wait_s=5.0, rounds=1, kill_lead_s=0.01)
+    plan.start(0.0)
+    plan.all_exited(0.1)
+    plan.found(0.1, 1)
+    plan.all_exited(0.2)
+    assert plan.found(0.2, 1) == [KILL_ONLY, WaitUntil(0.2 + plan.kill_wait_s)]
+
+
 def test_new_members_during_eof_are_only_awaited() -> None:
     plan = StopPlan(eof=True, eof_wait_s=1.0)
     plan.start(0.0)
@@ -144,13 +206,21 @@ Event = st.one_of(
     eof=st.booleans(),
     events=st.lists(Event, max_size=40),
     waits=st.tuples(*[st.floats(0.0, 10.0)] * 3),
+    lead=st.sampled_from([0.0, 0.002, 0.4, 3.0]),
 )
 def test_any_event_order_keeps_the_plan_sane(
-    eof: bool, events: list[tuple[object, ...]], waits: tuple[float, float, float]
+    eof: bool, events: list[tuple[object, ...]], waits: tuple[float, float, float], lead: float
 ) -> None:
     """Whatever happens, stages only move forward, deadlines never go back in a stage,
-    the sequence ends at most once, and the method is always one of the known ones."""
-    plan = StopPlan(eof=eof, eof_wait_s=waits[0], term_wait_s=waits[1], kill_wait_s=waits[2])
+    the sequence ends at most once, the method is always one of the known ones, and
+    a presearch signals nobody and comes only in the sigterm stage."""
+    plan = StopPlan(
+        eof=eof,
+        eof_wait_s=waits[0],
+        term_wait_s=waits[1],
+        kill_wait_s=waits[2],
+        kill_lead_s=lead,
+    )
     order = [EOF, TERM, KILL]
     now = 0.0
     actions: list[Action] = plan.start(now)
@@ -170,6 +240,8 @@ def test_any_event_order_keeps_the_plan_sane(
             plan.leader_exited()
             actions = []
         finishes += sum(isinstance(a, Finish) for a in actions)
+        if any(isinstance(a, Presearch) for a in actions):
+            assert plan.stage == TERM and not any(isinstance(a, Signal) for a in actions)
         assert order.index(plan.stage) >= before
         for action in actions:
             if isinstance(action, WaitUntil):

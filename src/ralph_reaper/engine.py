@@ -33,7 +33,19 @@ from .exits import BOOK
 from .keeper_client import command_status, report_stage_ms, report_survivors
 from .logs import LogSink
 from .pins import Pin
-from .plan import EOF, KILL_WAIT_S, Action, Discover, Finish, SendEof, Signal, StopPlan, WaitUntil
+from .plan import (
+    EOF,
+    KILL_LEAD_S,
+    KILL_WAIT_S,
+    Action,
+    Discover,
+    Finish,
+    Presearch,
+    SendEof,
+    Signal,
+    StopPlan,
+    WaitUntil,
+)
 from .waiting import wait_all
 
 #: Beyond the keeper's own grace and SIGKILL wait, how long the host waits for
@@ -145,7 +157,9 @@ class Stop:
                     self.dispatch.send_eof()
                 self._discover()
             elif isinstance(action, Signal):
-                self._signal(action.signals)
+                self._signal(action.signals, action.search)
+            elif isinstance(action, Presearch):
+                self._discover()
             elif isinstance(action, Discover):
                 queue.extend(self.plan.found(now, self._discover()))
             elif isinstance(action, WaitUntil):
@@ -167,7 +181,7 @@ class Stop:
             self.plan.leader_exited()
         return len(live)
 
-    def _signal(self, signals: tuple[int, ...]) -> None:
+    def _signal(self, signals: tuple[int, ...], search: bool = True) -> None:
         if self.keeper_grace_ms is not None and self.members.containment == "pid":
             if self.plan.stage != "sigkill":
                 self._ask_keeper()
@@ -181,7 +195,9 @@ class Stop:
             )
             if self.dispatch is not None:
                 self.members.widen(self.dispatch.leader_pid)
-        self._discover()
+            search = True
+        if search:
+            self._discover()
         live = self.members.live()
         for sig in signals:
             grouped = self.members.signal_group(sig)
@@ -353,7 +369,13 @@ def tree_stop(
 ) -> Stop:
     """A stop of ``members`` from this process (session or pid containment)."""
     eof = dispatch is not None and dispatch.stdin_fd is not None and eof_wait_s > 0
-    plan = StopPlan(eof_wait_s=eof_wait_s, term_wait_s=grace_s, eof=eof, first_signal=first_signal)
+    plan = StopPlan(
+        eof_wait_s=eof_wait_s,
+        term_wait_s=grace_s,
+        eof=eof,
+        first_signal=first_signal,
+        kill_lead_s=KILL_LEAD_S,
+    )
     return Stop(members, plan, log=log, dispatch=dispatch)
 
 

@@ -26,6 +26,14 @@ stage's signal and the stage goes on under the same deadline; after
 fast as it is stopped must not hold a stage for ever), and in the last stage
 it gives up.
 
+The search that SIGKILL needs is made ahead of it: with ``kill_lead_s`` set,
+the ``sigterm`` stage first runs to ``kill_lead_s`` before its deadline, where
+the driver searches and pins new members without signalling anyone
+(``Presearch``), then to its deadline, where SIGKILL goes to what is pinned
+without a search of its own. SIGKILL then leaves at its deadline instead of a
+search later (a search after a long sleep runs on cold caches), and a member
+forked in between is found by the next round as any other.
+
 The method reported is the stage that actually ended the *leader*: ``eof``
 only if it exited by itself after EOF, before any signal was sent.
 """
@@ -39,6 +47,9 @@ from typing import Optional, Union
 EOF, TERM, KILL = "eof", "sigterm", "sigkill"
 #: How long SIGKILL may take before the plan gives up.
 KILL_WAIT_S = 2.0
+#: How long before SIGKILL the stops of this process search for it (``kill_lead_s``):
+#: more than a search and the Python around it take on cold caches.
+KILL_LEAD_S = 0.002
 #: Discovery rounds per stage (members forked while the stage settles).
 ROUNDS = 5
 #: How long the EOF stage waits unless the caller says otherwise.
@@ -52,14 +63,22 @@ class SendEof:
 
 @dataclass(frozen=True)
 class Signal:
-    """Discover and pin new members, then send ``signals`` to every live pinned one."""
+    """Discover and pin new members, then send ``signals`` to every live pinned one
+    (``search`` False: a ``Presearch`` just did the discovering)."""
 
     signals: tuple[int, ...]
+    search: bool = True
 
 
 @dataclass(frozen=True)
 class Discover:
     """Discover and pin new members, then report ``found(now, n)`` with how many live ones."""
+
+
+@dataclass(frozen=True)
+class Presearch:
+    """Discover and pin new members, signalling nobody: the search of the SIGKILL
+    stage to come (see the module docstring); report nothing back."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,7 @@ class Finish:
     success: bool
 
 
-Action = Union[SendEof, Signal, Discover, WaitUntil, Finish]
+Action = Union[SendEof, Signal, Discover, Presearch, WaitUntil, Finish]
 
 
 @dataclass
@@ -90,6 +109,8 @@ class StopPlan:
     first_signal: int = int(signal.SIGTERM)
     #: Start with EOF: the driver holds the dispatch's stdin.
     eof: bool = False
+    #: How long before SIGKILL its search is made (0: at SIGKILL, by its ``Signal``).
+    kill_lead_s: float = 0.0
     stage: str = ""
     deadline: float = 0.0
     done: bool = False
@@ -100,6 +121,10 @@ class StopPlan:
     _t0: float = 0.0
     _round: int = 0
     _sent: set[str] = field(default_factory=set)
+    #: The ``sigterm`` stage's own deadline while ``deadline`` is its presearch's.
+    _kill_at: Optional[float] = None
+    #: When the presearch was asked for (None: none since the stage began).
+    _presearched: Optional[float] = None
 
     # ---------------------------------------------------------------- events
 
@@ -124,6 +149,7 @@ class StopPlan:
             return self._finish(True)
         self._round += 1
         if self._round > self.rounds:
+            self._kill_at = None  # moving on now: no search ahead of it
             return self.due(now)
         again: list[Action] = [] if self.stage == EOF else [self._signal_for(self.stage)]
         return [*again, WaitUntil(self.deadline)]
@@ -132,6 +158,14 @@ class StopPlan:
         """The current stage's deadline passed (or its rounds ran out): escalate."""
         if self.done:
             return []
+        kill_at, self._kill_at = self._kill_at, None
+        if kill_at is not None and self.deadline <= now < kill_at:
+            # The presearch's deadline: the search ahead of SIGKILL, then SIGKILL. (Before
+            # it the caller skips the rest of the grace, after SIGKILL's it is late: both
+            # escalate now.)
+            self.deadline = kill_at
+            self._presearched = now
+            return [Presearch(), WaitUntil(kill_at)]
         self._end_stage(now)
         if self.stage == EOF:
             return self._enter(TERM, now)
@@ -175,7 +209,19 @@ class StopPlan:
         self._sent.add(stage)
         wait = {EOF: self.eof_wait_s, TERM: self.term_wait_s, KILL: self.kill_wait_s}[stage]
         self.deadline = now + wait
-        first: Action = SendEof() if stage == EOF else self._signal_for(stage)
+        # A presearch is as good as a search of SIGKILL's own unless the driver came
+        # to SIGKILL late (more than the lead after its deadline): then it searches.
+        fresh = self._presearched is not None and now - self._presearched <= 2 * self.kill_lead_s
+        self._kill_at = self._presearched = None
+        if stage == TERM and 0 < 2 * self.kill_lead_s < wait:
+            self._kill_at, self.deadline = self.deadline, self.deadline - self.kill_lead_s
+        first: Action
+        if stage == EOF:
+            first = SendEof()
+        elif stage == KILL and fresh:
+            first = Signal((int(signal.SIGKILL),), search=False)
+        else:
+            first = self._signal_for(stage)
         return [first, WaitUntil(self.deadline)]
 
     def _end_stage(self, now: float) -> None:
