@@ -59,11 +59,14 @@ WHY: list[tuple[str, str]] = [
     ),
     (
         "S4 SIGTERM-ignoring",
-        "Measured from the earliest moment SIGKILL may be sent: the stop's timer ends "
+        "Measured from the earliest moment SIGKILL may be sent: the session is searched "
+        "for it 2 ms ahead (design section 5; ralph_reaper.plan, so that SIGKILL leaves "
+        "at its deadline and not after a search on cold caches), the stop's timer ends "
         "at its deadline give or take the kernel's timer slack (ralph_reaper.backends."
-        "deadlines; no longer a whole millisecond rounded up), then the session is "
-        "searched again before SIGKILL (design section 5), then the exit is awaited and "
-        "the session swept. The floor row of the same table (a C kill() and a blocking "
+        "deadlines; the keeper waits in ppoll the same way), then the exit is awaited "
+        "and the session swept. Under a keeper the host asks the keeper, which stops the "
+        "tree itself, reports, and exits; the host then reaps it. The floor row of the "
+        "same table (a C kill() and a blocking "
         "waitid) is the kernel's own part: ending a SIGKILLed process takes it a good "
         "part of the 2 ms at p99 on a shared virtual machine, and the stdlib's and "
         "psutil's recipes land beside ours; a p99 of 30 runs moves with the machine.",
