@@ -1001,7 +1001,6 @@ static void handle_control(struct keeper *k)
     }
 }
 
-/* poll timeout until the next deadline, rounded up; -1 for none. */
 /* How long the main loop may wait from now, in nanoseconds (-1: until something
    happens).  The kernel lets a poll of t end up to t/1000 late (its slack), so
    the loop asks for t*1000/1001 and then for what is left: a stage's SIGKILL

@@ -195,7 +195,6 @@ class Stop:
             )
             if self.dispatch is not None:
                 self.members.widen(self.dispatch.leader_pid)
-            search = True
         if search:
             self._discover()
         live = self.members.live()
